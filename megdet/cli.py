@@ -1,0 +1,208 @@
+"""The ``megdet`` command: data, plan, train, eval.
+
+    megdet data shapes --out data/shapes --train 2000 --val 200
+    megdet plan --config default train.batch_size=64 --nproc 4
+    megdet train --config default --nproc 2 --out runs/demo
+    torchrun --nproc-per-node 2 -m megdet train --config default --out runs/demo
+    megdet eval --run runs/demo --nproc 2
+
+``--nproc N`` starts N local processes through ``torch.distributed.run``; under torchrun (or
+any launcher that sets RANK/WORLD_SIZE) the command runs as one worker of that group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from megdet import dist
+from megdet.config import config_from_dict, load_config
+from megdet.errors import MegdetError
+from megdet.logs import setup_logging
+
+log = logging.getLogger("megdet.cli")
+
+# What a run writes; --overwrite removes exactly these, never anything else in the folder.
+RUN_OUTPUTS = ("config.yaml", "plan.json", "metrics.jsonl", "checkpoints", "eval")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    setup_logging(int(os.environ.get("RANK", "0")))
+    try:
+        if getattr(args, "nproc", 1) > 1 and args.command != "plan" and not _under_launcher():
+            from megdet.launch import launch_local
+
+            return launch_local(args.nproc, _without_nproc(argv))
+        return args.handler(args)
+    except MegdetError as exc:
+        print(f"megdet: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megdet", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="make or check datasets")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    shapes = data_commands.add_parser("shapes", help="write the synthetic shapes dataset (COCO)")
+    shapes.add_argument("--out", type=Path, required=True, help="output folder")
+    shapes.add_argument("--train", type=int, required=True, help="number of training images")
+    shapes.add_argument("--val", type=int, required=True, help="number of validation images")
+    shapes.add_argument("--size", type=int, default=128, help="image side in pixels")
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.set_defaults(handler=_cmd_shapes)
+
+    def config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+        p.add_argument("--config", required=required, help="preset name or YAML file")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.seed=1")
+        p.add_argument("--nproc", type=int, default=1, help="local processes (torchrun)")
+
+    plan = commands.add_parser("plan", help="print what a run will do, before training")
+    config_args(plan)
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(handler=_cmd_plan)
+
+    train = commands.add_parser("train", help="train a detector")
+    config_args(train)
+    train.add_argument("--out", type=Path, help="run folder (default runs/<config name>)")
+    train.add_argument("--overwrite", action="store_true", help="replace a previous run there")
+    train.set_defaults(handler=_cmd_train)
+
+    evaluate = commands.add_parser("eval", help="COCO evaluation of a run or a weights file")
+    config_args(evaluate, required=False)
+    evaluate.add_argument("--run", type=Path, help="run folder: its config and last checkpoint")
+    evaluate.add_argument("--weights", type=Path, help="checkpoint file (with --config)")
+    evaluate.add_argument("--out", type=Path, help="where to write results (default RUN/eval)")
+    evaluate.set_defaults(handler=_cmd_eval)
+    return parser
+
+
+def _cmd_shapes(args) -> int:
+    from megdet.data.shapes import generate_shapes
+
+    if min(args.train, args.val) < 0 or args.size < 32:
+        raise MegdetError("data shapes: --train/--val must be >= 0 and --size >= 32")
+    written = generate_shapes(args.out, args.train, args.val, args.size, args.seed)
+    for split, path in written.items():
+        print(f"{split}: {path} (images in {args.out / split})")
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    from megdet.data.coco import read_coco
+    from megdet.plan import make_plan
+
+    cfg = load_config(args.config, args.overrides)
+    num_images = len(read_coco(cfg.data.train.json).images)
+    plan = make_plan(cfg, args.nproc, num_images)
+    print(plan.to_json() if args.json else plan.summary())
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from megdet.engine.trainer import train
+    from megdet.tasks.detection.task import DetectionTask
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = args.out or Path("runs") / Path(args.config).stem
+    ctx = dist.init_distributed()
+    try:
+        problem = _prepare_run_dir(run_dir, args.overwrite) if ctx.is_main else None
+        problem = dist.broadcast_object(problem)  # all ranks stop, or none does
+        if problem:
+            raise MegdetError(problem)
+        result = train(cfg, DetectionTask(cfg), run_dir, ctx)
+        if ctx.is_main:
+            _print_final(run_dir, result.metrics)
+    finally:
+        dist.shutdown()
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from megdet.engine.checkpoint import load_checkpoint
+    from megdet.tasks.detection.task import DetectionTask
+
+    if args.run:
+        weights = args.weights or args.run / "checkpoints" / "last.pt"
+        state = load_checkpoint(weights)
+        cfg = config_from_dict(state["config"], args.overrides)
+        out = args.out or args.run / "eval"
+    elif args.config and args.weights:
+        cfg = load_config(args.config, args.overrides)
+        state = load_checkpoint(args.weights)
+        out = args.out
+    else:
+        raise MegdetError("eval: give --run RUN_DIR, or --config NAME --weights FILE")
+    ctx = dist.init_distributed()
+    try:
+        task = DetectionTask(cfg)
+        model = task.build_model(split="val")
+        _load_model_state(model, state["model"], weights if args.run else args.weights)
+        metrics = task.evaluate(model.to(ctx.device), ctx.device, out if ctx.is_main else None)
+        if ctx.is_main:
+            print(task.format_metrics(metrics))
+            if out:
+                print(f"results: {out}/results.json, metrics: {out}/metrics.json")
+    finally:
+        dist.shutdown()
+    return 0
+
+
+def _load_model_state(model, state: dict, path: Path) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise MegdetError(
+            f"{path}: weights do not fit this model (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}, wrong shape {wrong[:3]}); check model.* and the data's classes"
+        )
+    model.load_state_dict(state)
+
+
+def _prepare_run_dir(run_dir: Path, overwrite: bool) -> str | None:
+    """Refuse to mix two runs in one folder; with --overwrite remove only our own outputs."""
+    previous = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    previous += [p.name for p in run_dir.glob("events.out.tfevents.*")]
+    if previous and not overwrite:
+        return (
+            f"--out {run_dir}: holds a previous run ({', '.join(previous[:3])}); "
+            "pass --overwrite to replace it, or choose another --out"
+        )
+    for name in previous:
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def _print_final(run_dir: Path, metrics: dict[str, float]) -> None:
+    from megdet.tasks.detection.evaluation import format_metrics
+
+    print(f"\nCOCO bbox metrics on the val split ({run_dir}/eval/metrics.json):")
+    print(format_metrics(metrics))
+
+
+def _under_launcher() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            out.append(item)
+    return out

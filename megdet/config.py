@@ -1,0 +1,263 @@
+"""Typed configuration: dataclasses, YAML presets and ``a.b=c`` overrides.
+
+A config is a tree of dataclasses. Presets in ``megdet/configs/*.yaml`` hold only the values
+that differ from the defaults below; command-line overrides are applied on top. Every value is
+checked against its annotated type, and every mistake is reported as one line that names the
+key, so a typo never silently trains the wrong model.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megdet.errors import ConfigError
+
+BACKBONES = ("tiny", "resnet18", "resnet50")
+NORMS = ("frozen", "bn", "gn")
+NORM_SCOPES = ("backbone", "backbone+fpn", "all")
+POLICIES = ("step", "normal", "long")
+WARMUPS = ("linear", "constant", "none")
+
+
+@dataclass
+class SplitConfig:
+    """One COCO split: the annotation file and the folder its ``file_name``s are relative to."""
+
+    json: str = ""
+    images: str = ""
+
+
+@dataclass
+class DataConfig:
+    train: SplitConfig = field(default_factory=SplitConfig)
+    val: SplitConfig = field(default_factory=SplitConfig)
+    num_workers: int = 1
+    hflip: bool = True
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet50"
+    norm: str = "frozen"
+    # Where model.norm applies: the backbone; also the FPN; or also a conv box head ("all").
+    norm_scope: str = "backbone"
+    box_head_convs: int = 4  # conv layers of the box head when norm_scope is "all"
+    backbone_weights: str = ""  # optional local torchvision ImageNet state_dict
+    frozen_stages: int = 0  # 1: stem, 2: stem and res2, ... (with backbone_weights)
+    min_size: int = 800
+    max_size: int = 1333
+    fpn_channels: int = 256
+    # Anchor side per FPN level P2..P6; null: min_size/16 doubling per level (see model.py).
+    anchor_sizes: list[int] | None = None
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_test: int = 1000
+    rpn_batch_per_image: int = 256
+    roi_batch_per_image: int = 512
+    roi_sampling_ratio: int = 2  # RoIAlign samples per bin side (0: adaptive)
+    box_head_dim: int = 1024
+    box_score_thresh: float = 0.05
+    box_detections_per_img: int = 100
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16  # GLOBAL images per iteration, over all processes
+    epochs: float | None = None  # null: the end of solver.policy
+    seed: int = 0
+    checkpoint_period: int = 0  # iterations; 0: only at the end
+    max_iter: int | None = None  # cut the run short (smoke tests); the schedule is unchanged
+
+
+@dataclass
+class SolverConfig:
+    base_lr: float = 0.02  # learning rate at base_batch images (linear scaling rule)
+    base_batch: int = 16
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    weight_decay_norm: float = 0.0  # on BatchNorm/GroupNorm scales and shifts
+    nesterov: bool = False
+    warmup: str = "linear"
+    warmup_iters: int = 500
+    # Learning rate at iteration 0 as a fraction of the scaled lr; null: base_lr / lr, i.e.
+    # start at the small-batch rate (MegDet section 3.2).
+    warmup_factor: float | None = None
+    policy: str = "step"
+    steps: list[float] = field(default_factory=lambda: [8.0, 10.0])  # epochs, policy "step"
+    gamma: float = 0.1
+
+
+@dataclass
+class LogConfig:
+    period: int = 20  # iterations between metric lines
+    tensorboard: bool = True
+
+
+@dataclass
+class EvalConfig:
+    period: int = 0  # epochs between evaluations; 0: only at the end
+    images_per_device: int = 8
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def preset_names() -> list[str]:
+    files = resources.files("megdet.configs").iterdir()
+    return sorted(f.name[:-5] for f in files if f.name.endswith(".yaml"))
+
+
+def load_config(name_or_path: str, overrides: list[str] = ()) -> Config:
+    """Read a preset (by name) or a YAML file, apply ``a.b=c`` overrides, type-check, validate."""
+    return config_from_dict(_read_yaml(name_or_path), overrides)
+
+
+def config_from_dict(raw: dict, overrides: list[str] = ()) -> Config:
+    """Build a config from a nested dict (a run's config.yaml, a checkpoint) and overrides."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need more than a type: choices and ranges."""
+    choices = {
+        "model.backbone": (cfg.model.backbone, BACKBONES),
+        "model.norm": (cfg.model.norm, NORMS),
+        "model.norm_scope": (cfg.model.norm_scope, NORM_SCOPES),
+        "solver.policy": (cfg.solver.policy, POLICIES),
+        "solver.warmup": (cfg.solver.warmup, WARMUPS),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
+    positive = {
+        "train.batch_size": cfg.train.batch_size,
+        "solver.base_lr": cfg.solver.base_lr,
+        "solver.base_batch": cfg.solver.base_batch,
+        "model.min_size": cfg.model.min_size,
+        "model.max_size": cfg.model.max_size,
+        "log.period": cfg.log.period,
+        "eval.images_per_device": cfg.eval.images_per_device,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {value}")
+    if cfg.train.epochs is not None and cfg.train.epochs <= 0:
+        raise ConfigError(f"train.epochs: must be > 0, got {cfg.train.epochs}")
+    if not 0 <= cfg.model.frozen_stages <= 5:
+        raise ConfigError(f"model.frozen_stages: must be 0..5, got {cfg.model.frozen_stages}")
+    if cfg.model.anchor_sizes is not None and len(cfg.model.anchor_sizes) != 5:
+        raise ConfigError("model.anchor_sizes: needs 5 sizes, one per FPN level P2..P6")
+    if cfg.solver.policy == "step" and cfg.train.epochs is None:
+        raise ConfigError("train.epochs: required with solver.policy=step")
+
+
+def _read_yaml(name_or_path: str) -> dict:
+    path = Path(name_or_path)
+    if name_or_path in preset_names():
+        text = resources.files("megdet.configs").joinpath(f"{name_or_path}.yaml").read_text()
+        source = f"preset '{name_or_path}'"
+    elif path.is_file():
+        text, source = path.read_text(), str(path)
+    else:
+        raise ConfigError(
+            f"--config: '{name_or_path}' is neither a preset ({', '.join(preset_names())}) "
+            "nor a YAML file"
+        )
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{source}:{where} is not valid YAML") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    return raw
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{item}': expected key=value, e.g. train.batch_size=32")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown key (known here: {', '.join(sorted(names))})"
+        )
+    kwargs = {name: _coerce(raw[name], hints[name], prefix + name) for name in raw}
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
+        except ValueError:
+            pass
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # a path or name that YAML read as a number
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value

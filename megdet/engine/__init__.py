@@ -1,0 +1,1 @@
+"""The training engine: loop, checkpoints, events. It knows nothing about detection."""

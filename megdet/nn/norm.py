@@ -1,0 +1,33 @@
+"""The normalization a backbone is built with, chosen by one setting (``model.norm``).
+
+MegDet compares frozen ImageNet statistics ("16-base"), per-device BN, cross-GPU BN and
+GroupNorm; building every backbone through a ``norm_layer`` factory makes that one switch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+
+def _group_norm(num_channels: int) -> nn.GroupNorm:
+    # 32 groups as in Wu & He (2018); narrow layers of small backbones get fewer.
+    return nn.GroupNorm(math.gcd(32, num_channels), num_channels)
+
+
+_NORMS: dict[str, Callable[[int], nn.Module]] = {
+    "frozen": FrozenBatchNorm2d,
+    "bn": nn.BatchNorm2d,
+    "gn": _group_norm,
+}
+
+
+def norm_layer(name: str) -> Callable[[int], nn.Module]:
+    """A constructor ``f(num_channels) -> nn.Module`` for ``model.norm``."""
+    try:
+        return _NORMS[name]
+    except KeyError:
+        raise ValueError(f"unknown norm '{name}' (choose from {', '.join(_NORMS)})") from None

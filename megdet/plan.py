@@ -1,0 +1,100 @@
+"""The plan: what a run will do, computed from the config before any training.
+
+Users change ``train.batch_size`` and nothing else; the plan applies the linear scaling rule,
+turns the epoch policy into iterations for that batch, and splits the batch over processes.
+It is printed, written to ``RUN_DIR/plan.json``, and drives the schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from megdet.config import Config
+from megdet.errors import ConfigError
+
+# Paper policies (MegDet section 4): ([(epoch, lr factor), ...], last epoch).
+POLICIES = {
+    "normal": ([(8.0, 0.1), (10.0, 0.1)], 11.0),
+    "long": ([(11.0, 0.1), (14.0, 0.1), (17.0, 0.5)], 18.0),
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    world_size: int
+    global_batch: int
+    images_per_device: int
+    num_train_images: int
+    base_lr: float
+    base_batch: int
+    lr: float
+    warmup: str
+    warmup_iters: int
+    warmup_start_lr: float
+    iters_per_epoch: int
+    epochs: float
+    max_iter: int
+    milestones: list[list[float]]  # [[iteration, factor], ...]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def summary(self) -> str:
+        steps = ", ".join(f"x{f:g} at {int(m)}" for m, f in self.milestones) or "none"
+        return (
+            f"{self.world_size} process(es) x {self.images_per_device} images = global batch "
+            f"{self.global_batch}; lr {self.base_lr:g} x {self.global_batch}/{self.base_batch} = "
+            f"{self.lr:g}; {self.warmup} warmup from {self.warmup_start_lr:g} over "
+            f"{self.warmup_iters} iterations; {self.iters_per_epoch} iterations/epoch x "
+            f"{self.epochs:g} epochs = {self.max_iter} iterations; decay {steps}"
+        )
+
+
+def make_plan(cfg: Config, world_size: int, num_train_images: int) -> Plan:
+    batch = cfg.train.batch_size
+    if batch % world_size:
+        raise ConfigError(
+            f"train.batch_size: {batch} images cannot be split evenly over {world_size} "
+            f"processes; use a multiple of {world_size}"
+        )
+    solver = cfg.solver
+    lr = solver.base_lr * batch / solver.base_batch  # linear scaling rule
+    iters_per_epoch = -(-num_train_images // batch)
+    if solver.policy == "step":
+        steps, end = [(epoch, solver.gamma) for epoch in solver.steps], cfg.train.epochs
+    else:
+        steps, end = POLICIES[solver.policy]
+        if cfg.train.epochs is not None and cfg.train.epochs != end:
+            raise ConfigError(
+                f"train.epochs: {cfg.train.epochs:g} conflicts with solver.policy="
+                f"{solver.policy}, which ends at epoch {end:g}; leave train.epochs unset"
+            )
+    max_iter = round(end * iters_per_epoch)
+    if cfg.train.max_iter is not None:
+        max_iter = min(max_iter, cfg.train.max_iter)
+    warmup_iters = 0 if solver.warmup == "none" else solver.warmup_iters
+    if solver.warmup_factor is None:
+        start = min(solver.base_lr, lr)  # MegDet: start at the small-batch rate
+    else:
+        start = lr * solver.warmup_factor
+    return Plan(
+        world_size=world_size,
+        global_batch=batch,
+        images_per_device=batch // world_size,
+        num_train_images=num_train_images,
+        base_lr=solver.base_lr,
+        base_batch=solver.base_batch,
+        lr=lr,
+        warmup=solver.warmup,
+        warmup_iters=warmup_iters,
+        warmup_start_lr=start,
+        iters_per_epoch=iters_per_epoch,
+        epochs=end,
+        max_iter=max_iter,
+        milestones=[[round(epoch * iters_per_epoch), factor] for epoch, factor in steps],
+    )

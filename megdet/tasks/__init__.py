@@ -1,0 +1,1 @@
+"""Tasks supply model, data and evaluation; the engine knows nothing about detection."""

@@ -1,0 +1,1 @@
+"""Faster R-CNN + FPN on COCO-format data."""

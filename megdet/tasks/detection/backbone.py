@@ -1,0 +1,114 @@
+"""ResNet backbones with an FPN on top, all built with the configured normalization."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torchvision.models import resnet
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from megdet.config import ModelConfig
+from megdet.errors import ConfigError
+from megdet.nn import norm_layer
+
+log = logging.getLogger(__name__)
+
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+class TinyResNet(nn.Module):
+    """A ResNet of BasicBlocks at a quarter of ResNet-18's widths, for CPU training.
+
+    Same strides and stage names as torchvision's ResNet (C2..C5 at 1/4..1/32), so the FPN and
+    every other part of the detector are the ones used with ResNet-50.
+    """
+
+    def __init__(
+        self,
+        norm: Callable[[int], nn.Module],
+        widths: tuple[int, ...] = (16, 32, 64, 128),
+        blocks: tuple[int, ...] = (2, 2, 2, 2),
+    ) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, widths[0], 3, stride=2, padding=1, bias=False),
+            norm(widths[0]),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(widths[0], widths[0], 3, stride=2, padding=1, bias=False),
+            norm(widths[0]),
+            nn.ReLU(inplace=True),
+        )
+        in_channels = widths[0]
+        for i, (width, count) in enumerate(zip(widths, blocks, strict=True)):
+            layers = []
+            for j in range(count):
+                stride = 2 if i > 0 and j == 0 else 1
+                downsample = None
+                if stride != 1 or in_channels != width:
+                    downsample = nn.Sequential(
+                        nn.Conv2d(in_channels, width, 1, stride=stride, bias=False), norm(width)
+                    )
+                layers.append(
+                    resnet.BasicBlock(in_channels, width, stride, downsample, norm_layer=norm)
+                )
+                in_channels = width
+            self.add_module(STAGES[i], nn.Sequential(*layers))
+        self.widths = widths
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for name in STAGES:
+            x = getattr(self, name)(x)
+        return x
+
+
+def build_backbone(cfg: ModelConfig) -> BackboneWithFPN:
+    """Backbone + FPN returning P2..P5 (names '0'..'3') and P6 ('pool')."""
+    norm = norm_layer(cfg.norm)
+    if cfg.backbone == "tiny":
+        body = TinyResNet(norm)
+        widths = list(body.widths)
+        stem = [body.stem]
+    else:
+        body = getattr(resnet, cfg.backbone)(weights=None, norm_layer=norm)
+        expansion = 4 if cfg.backbone == "resnet50" else 1
+        widths = [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
+        stem = [body.conv1, body.bn1]
+    if cfg.backbone_weights:
+        _load_weights(body, cfg.backbone_weights)
+    # detectron2's FREEZE_AT: 1 freezes the stem, 2 the stem and res2, ...
+    stages = [stem, *([getattr(body, name)] for name in STAGES)]
+    for group in stages[: cfg.frozen_stages]:
+        for module in group:
+            module.requires_grad_(False)
+    return BackboneWithFPN(
+        body,
+        return_layers={name: str(i) for i, name in enumerate(STAGES)},
+        in_channels_list=widths,
+        out_channels=cfg.fpn_channels,
+        extra_blocks=LastLevelMaxPool(),
+        norm_layer=norm if cfg.norm_scope != "backbone" else None,
+    )
+
+
+def _load_weights(body: nn.Module, path: str) -> None:
+    """Load a local ImageNet state_dict (e.g. torchvision's resnet50 file); fc is ignored."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"model.backbone_weights: file not found: {path}") from None
+    except Exception as exc:
+        raise ConfigError(f"model.backbone_weights: cannot load {path} ({exc})") from None
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = body.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ConfigError(
+            f"model.backbone_weights: {path} does not fit model.backbone "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    log.info("loaded backbone weights from %s", path)

@@ -1,0 +1,113 @@
+"""Distributed inference and COCO evaluation with pycocotools (the reference implementation)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from pathlib import Path
+
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import nn
+
+from megdet import dist
+from megdet.data.coco import CocoDetection, collate
+from megdet.engine.checkpoint import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+# COCOeval.stats[0:6]; "mmAP" is the paper's name for AP@[.5:.95].
+METRICS = ("mmAP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    dataset: CocoDetection,
+    device: torch.device,
+    images_per_device: int,
+    num_workers: int = 0,
+) -> list[dict]:
+    """COCO-format detections for this rank's contiguous share of ``dataset``."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    share = -(-len(dataset) // world)
+    indices = list(range(rank * share, min(len(dataset), (rank + 1) * share)))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices),
+        batch_size=images_per_device,
+        num_workers=num_workers,
+        collate_fn=collate,
+    )
+    category_ids = dataset.index.category_ids
+    was_training = model.training
+    model.eval()
+    results = []
+    for images, targets in loader:
+        outputs = model([image.to(device, non_blocking=True) for image in images])
+        for output, target in zip(outputs, targets, strict=True):
+            boxes = output["boxes"].cpu()
+            boxes[:, 2:] -= boxes[:, :2]  # xyxy -> xywh
+            for box, score, label in zip(
+                boxes.tolist(), output["scores"].tolist(), output["labels"].tolist(), strict=True
+            ):
+                results.append(
+                    {
+                        "image_id": target["image_id"],
+                        "category_id": category_ids[label - 1],
+                        "bbox": [round(v, 3) for v in box],
+                        "score": round(score, 5),
+                    }
+                )
+    model.train(was_training)
+    return results
+
+
+def evaluate_coco(gt_json: str | Path, results: list[dict]) -> tuple[dict[str, float], str]:
+    """Run COCOeval on ``results``; return the six summary metrics and pycocotools' report."""
+    if not results:
+        return dict.fromkeys(METRICS, 0.0), "no detections\n"
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        ground_truth = COCO(str(gt_json))
+        detections = ground_truth.loadRes(results)
+        evaluator = COCOeval(ground_truth, detections, "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    # COCOeval reports -1 where a size range has no ground truth; that is "not measured".
+    metrics = {name: float(v) for name, v in zip(METRICS, evaluator.stats[:6], strict=True)}
+    return metrics, buffer.getvalue()
+
+
+def evaluate_distributed(
+    model: nn.Module,
+    dataset: CocoDetection,
+    device: torch.device,
+    images_per_device: int,
+    out_dir: Path | None,
+    num_workers: int = 0,
+) -> dict[str, float]:
+    """Every rank predicts its share; rank 0 evaluates, writes ``out_dir``, shares the metrics."""
+    shares = dist.all_gather_object(predict(model, dataset, device, images_per_device, num_workers))
+    metrics = None
+    if dist.get_rank() == 0:
+        results = [r for share in shares for r in share]
+        metrics, report = evaluate_coco(dataset.index.path, results)
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out_dir / "results.json", json.dumps(results))
+            atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+            atomic_write_text(out_dir / "cocoeval.txt", report)
+    return dist.broadcast_object(metrics)
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """A two-line table: metric names over values, in percent as COCO papers print them."""
+    header = " | ".join(f"{name:>6}" for name in METRICS)
+    values = " | ".join(
+        f"{100 * metrics[name]:6.2f}" if metrics[name] >= 0 else f"{'n/a':>6}" for name in METRICS
+    )
+    return f"{header}\n{values}"

@@ -1,0 +1,79 @@
+"""Faster R-CNN + FPN assembled from torchvision's detection components."""
+
+from __future__ import annotations
+
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import (
+    FastRCNNConvFCHead,
+    FastRCNNPredictor,
+    TwoMLPHead,
+)
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import MultiScaleRoIAlign
+
+from megdet.config import ModelConfig
+from megdet.nn import norm_layer
+from megdet.tasks.detection.backbone import build_backbone
+
+ASPECT_RATIOS = (0.5, 1.0, 2.0)
+
+
+def anchor_sizes(cfg: ModelConfig) -> list[int]:
+    """One anchor side per level P2..P6.
+
+    Unless set, the anchors span 1/16 of the short image side at P2 to the whole side at P6
+    (8..128 at 128 px), so small demo images get small anchors. COCO presets set 32..512.
+    """
+    if cfg.anchor_sizes is not None:
+        return list(cfg.anchor_sizes)
+    smallest = max(4, round(cfg.min_size / 16))
+    return [smallest * 2**level for level in range(5)]
+
+
+def canonical_scale(cfg: ModelConfig) -> int:
+    """RoI side that FPN assigns to P4 (Lin et al. eq. 1: 224 at ~800 px), scaled with the
+    image so that small images still spread their RoIs over P2..P5 instead of all on P2."""
+    return max(8, round(224 * cfg.min_size / 800))
+
+
+def build_detector(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
+    """Faster R-CNN + FPN (P2..P6) for ``num_classes`` object classes plus background."""
+    backbone = build_backbone(cfg)
+    anchors = AnchorGenerator(
+        sizes=tuple((size,) for size in anchor_sizes(cfg)),
+        aspect_ratios=(ASPECT_RATIOS,) * 5,
+    )
+    box_roi_pool = MultiScaleRoIAlign(
+        featmap_names=["0", "1", "2", "3"],
+        output_size=7,
+        sampling_ratio=cfg.roi_sampling_ratio,
+        canonical_scale=canonical_scale(cfg),
+    )
+    if cfg.norm_scope == "all":
+        box_head = FastRCNNConvFCHead(
+            (cfg.fpn_channels, 7, 7),
+            conv_layers=[cfg.fpn_channels] * cfg.box_head_convs,
+            fc_layers=[cfg.box_head_dim],
+            norm_layer=norm_layer(cfg.norm),
+        )
+    else:
+        box_head = TwoMLPHead(cfg.fpn_channels * 7 * 7, cfg.box_head_dim)
+    return FasterRCNN(
+        backbone,
+        min_size=cfg.min_size,
+        max_size=cfg.max_size,
+        rpn_anchor_generator=anchors,
+        rpn_head=RPNHead(cfg.fpn_channels, len(ASPECT_RATIOS)),
+        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
+        rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+        rpn_batch_size_per_image=cfg.rpn_batch_per_image,
+        box_roi_pool=box_roi_pool,
+        box_head=box_head,
+        box_predictor=FastRCNNPredictor(cfg.box_head_dim, num_classes + 1),
+        box_batch_size_per_image=cfg.roi_batch_per_image,
+        box_score_thresh=cfg.box_score_thresh,
+        box_detections_per_img=cfg.box_detections_per_img,
+    )

@@ -1,0 +1,76 @@
+"""What the engine needs from detection: a model, training data, and an evaluator."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from megdet.config import Config
+from megdet.data.coco import CocoDetection, CocoIndex, read_coco
+from megdet.errors import ConfigError
+from megdet.tasks.detection.evaluation import evaluate_distributed, format_metrics
+from megdet.tasks.detection.model import build_detector
+
+
+class DetectionTask:
+    """Annotation files are read lazily: evaluating needs only the val split."""
+
+    primary_metric = "mmAP"
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    @functools.cached_property
+    def train_index(self) -> CocoIndex:
+        return read_coco(_required(self.cfg.data.train.json, "data.train.json"))
+
+    @functools.cached_property
+    def val_index(self) -> CocoIndex:
+        return read_coco(_required(self.cfg.data.val.json, "data.val.json"))
+
+    @property
+    def num_train_images(self) -> int:
+        return len(self.train_index.images)
+
+    def build_model(self, split: str = "train") -> nn.Module:
+        """The detector, with as many classes as ``split``'s annotation file has categories."""
+        index = self.train_index if split == "train" else self.val_index
+        return build_detector(self.cfg.model, index.num_classes)
+
+    def train_dataset(self) -> CocoDetection:
+        cfg = self.cfg
+        return CocoDetection(
+            self.train_index, cfg.data.train.images, seed=cfg.train.seed, hflip=cfg.data.hflip
+        )
+
+    @staticmethod
+    def to_device(batch, device: torch.device):
+        images, targets = batch
+        images = [image.to(device, non_blocking=True) for image in images]
+        targets = [
+            {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+            for t in targets
+        ]
+        return images, targets
+
+    def evaluate(self, model: nn.Module, device: torch.device, out_dir: Path | None) -> dict:
+        dataset = CocoDetection(self.val_index, self.cfg.data.val.images)
+        return evaluate_distributed(
+            model,
+            dataset,
+            device,
+            self.cfg.eval.images_per_device,
+            out_dir,
+            num_workers=self.cfg.data.num_workers,
+        )
+
+    format_metrics = staticmethod(format_metrics)
+
+
+def _required(path: str, key: str) -> str:
+    if not path:
+        raise ConfigError(f"{key}: not set; point it to a COCO instances JSON file")
+    return path

@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from megdet.config import load_config
+from megdet.errors import ConfigError
+from megdet.plan import make_plan
+from megdet.solver import build_optimizer, lr_at
+
+
+def _plan(overrides, world=1, images=1000):
+    return make_plan(load_config("coco_r50_fpn", overrides), world, images)
+
+
+def test_linear_scaling_and_epochs_to_iterations():
+    small = _plan([], images=1600)
+    large = _plan(["train.batch_size=256"], world=8, images=1600)
+    assert small.lr == pytest.approx(0.02) and large.lr == pytest.approx(0.32)
+    assert (small.iters_per_epoch, large.iters_per_epoch) == (100, 7)
+    assert small.max_iter == 1100 and large.max_iter == 77
+    assert small.milestones == [[800, 0.1], [1000, 0.1]]
+    assert large.milestones == [[56, 0.1], [70, 0.1]]
+    assert large.images_per_device == 32
+
+
+def test_lr_is_the_closed_form():
+    plan = _plan(["train.batch_size=64", "solver.warmup_iters=10", "solver.warmup_factor=null"])
+    assert plan.warmup_start_lr == pytest.approx(0.02)  # MegDet: from the small-batch rate
+    for it in range(plan.max_iter + 1):
+        if it < 10:
+            expected = 0.02 + (0.08 - 0.02) * it / 10
+        else:
+            expected = 0.08 * (0.1 if it >= 8 * 16 else 1) * (0.1 if it >= 10 * 16 else 1)
+        assert lr_at(plan, it) == pytest.approx(expected, rel=1e-12)
+
+
+def test_warmup_variants_and_policies():
+    constant = _plan(["solver.warmup=constant", "solver.warmup_factor=0.1"])
+    assert lr_at(constant, 0) == lr_at(constant, 499) == pytest.approx(0.002)
+    assert lr_at(constant, 500) == pytest.approx(0.02)
+    none = _plan(["solver.warmup=none"])
+    assert lr_at(none, 0) == pytest.approx(0.02)
+    long = _plan(["solver.policy=long", "solver.warmup=none"], images=160)
+    assert long.max_iter == 180
+    assert [m for m, _ in long.milestones] == [110, 140, 170]
+    assert lr_at(long, 179) == pytest.approx(0.02 * 0.1 * 0.1 * 0.5)
+    with pytest.raises(ConfigError, match="conflicts with solver.policy=normal"):
+        _plan(["train.epochs=12"])
+    with pytest.raises(ConfigError, match="cannot be split evenly over 3"):
+        _plan([], world=3)
+
+
+def test_norm_parameters_get_their_own_weight_decay():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    cfg = load_config("default", ["solver.weight_decay_norm=0.0"]).solver
+    optimizer = build_optimizer(model, cfg, lr=0.1)
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in no_decay["params"]} == {id(p) for p in model[1].parameters()}
+    assert optimizer.defaults["momentum"] == 0.9

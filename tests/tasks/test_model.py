@@ -1,0 +1,55 @@
+import pytest
+import torch
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from megdet.config import load_config
+from megdet.data.coco import CocoDetection, collate, read_coco
+from megdet.tasks.detection.model import anchor_sizes, build_detector
+
+
+def _batch(root, n=2):
+    dataset = CocoDetection(
+        read_coco(root / "annotations" / "instances_train.json"), root / "train"
+    )
+    return collate([dataset[i] for i in range(n)])
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn", "frozen"])
+def test_tiny_detector_trains_and_predicts_with_each_norm(tiny_shapes, norm):
+    cfg = load_config("instant_test", [f"model.norm={norm}"]).model
+    torch.manual_seed(0)
+    model = build_detector(cfg, num_classes=3)
+    expected = {"bn": nn.BatchNorm2d, "gn": nn.GroupNorm, "frozen": FrozenBatchNorm2d}[norm]
+    assert any(isinstance(m, expected) for m in model.backbone.body.modules())
+    images, targets = _batch(tiny_shapes)
+    losses = model(images, targets)
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    sum(losses.values()).backward()
+    assert model.roi_heads.box_predictor.cls_score.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        outputs = model(images)
+    assert len(outputs) == 2 and set(outputs[0]) == {"boxes", "scores", "labels"}
+    assert outputs[0]["boxes"].shape[-1] == 4
+    assert model.roi_heads.box_predictor.cls_score.out_features == 4  # 3 classes + background
+
+
+def test_resnet_backbones_build_with_fpn_levels():
+    for name, c5 in (("resnet18", 512), ("resnet50", 2048)):
+        cfg = load_config("coco_r50_fpn", [f"model.backbone={name}", "model.frozen_stages=2"]).model
+        model = build_detector(cfg, num_classes=80)
+        body = model.backbone.body
+        assert body.layer4[-1].conv1.in_channels in (c5, c5 // 4 * 4)
+        assert not any(p.requires_grad for p in body.conv1.parameters())
+        assert not any(p.requires_grad for p in body.layer1.parameters())
+        assert all(p.requires_grad for p in body.layer2.parameters())
+        features = model.backbone(torch.zeros(1, 3, 64, 64))
+        assert list(features) == ["0", "1", "2", "3", "pool"]
+        assert [f.shape[-1] for f in features.values()] == [16, 8, 4, 2, 1]
+
+
+def test_anchor_sizes_follow_image_size():
+    assert anchor_sizes(load_config("default").model) == [8, 16, 32, 64, 128]
+    assert anchor_sizes(load_config("instant_test").model) == [4, 8, 16, 32, 64]
+    assert anchor_sizes(load_config("coco_r50_fpn").model) == [32, 64, 128, 256, 512]

@@ -1,0 +1,64 @@
+"""The user's path through the CLI: make data, train the instant preset, evaluate the run."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import instant_overrides
+
+
+def megdet(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "megdet", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=240,
+    )
+
+
+@pytest.mark.slow
+def test_instant_train_then_eval_through_the_cli(tmp_path):
+    data = tmp_path / "data"
+    made = megdet("data", "shapes", "--out", data, "--train", 16, "--val", 8, "--size", 64)
+    assert made.returncode == 0, made.stderr
+    run = tmp_path / "run"
+    trained = megdet("train", "--config", "instant_test", "--out", run, *instant_overrides(data))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "mmAP" in trained.stdout
+
+    assert {p.name for p in run.iterdir()} >= {
+        "config.yaml", "plan.json", "metrics.jsonl", "checkpoints", "eval"
+    }  # fmt: skip
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    training = [r for r in records if "loss" in r]
+    assert {"iter", "epoch", "lr", "loss", "loss_classifier", "loss_box_reg"} <= set(training[0])
+    assert training[-1]["loss"] < training[0]["loss"]
+    final = records[-1]["eval"]
+    # Overfitting 16 images: the instant preset's expected band.
+    assert final["AP50"] > 0.5, final
+    checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert checkpoint["iteration"] == json.loads((run / "plan.json").read_text())["max_iter"]
+
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert {r["category_id"] for r in results} <= {1, 3, 7}  # the dataset's own ids
+    evaluated = megdet("eval", "--run", run, "--out", tmp_path / "eval2")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    again = json.loads((tmp_path / "eval2" / "metrics.json").read_text())
+    assert again == pytest.approx(final)
+
+    refused = megdet("train", "--config", "instant_test", "--out", run, *instant_overrides(data))
+    assert refused.returncode == 2
+    assert "pass --overwrite" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_missing_data_is_a_one_line_error(tmp_path):
+    proc = megdet(
+        "train", "--config", "instant_test", "--out", tmp_path / "r",
+        f"data.train.json={tmp_path}/nope.json",
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"megdet: error: {tmp_path}/nope.json: annotation file not found"
