@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "nproc", 1) > 1 and args.command != "plan" and not _under_launcher():
             from megdet.launch import launch_local
 
+            if args.config:
+                load_config(args.config, args.overrides)  # config errors: once, before launch
             return launch_local(args.nproc, _without_nproc(argv))
         return args.handler(args)
     except MegdetError as exc:
@@ -46,7 +48,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megdet", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="megdet",
+        description="Train object detectors with large mini-batches (MegDet) on torch.distributed.",
+        epilog="examples:\n" + __doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     data = commands.add_parser("data", help="make or check datasets")

@@ -64,6 +64,7 @@ class ModelConfig:
     rpn_post_nms_top_n_test: int = 1000
     rpn_batch_per_image: int = 256
     roi_batch_per_image: int = 512
+    roi_positive_fraction: float = 0.25
     roi_sampling_ratio: int = 2  # RoIAlign samples per bin side (0: adaptive)
     box_head_dim: int = 1024
     box_score_thresh: float = 0.05

@@ -107,3 +107,22 @@ def reduce_mean_dict(values: dict[str, torch.Tensor]) -> dict[str, float]:
     stacked = torch.stack([values[k].detach().float().reshape(()) for k in keys])
     stacked = all_reduce_sum(stacked) / get_world_size()
     return dict(zip(keys, stacked.tolist(), strict=True))
+
+
+def average_buffers(module: torch.nn.Module) -> None:
+    """Make floating-point buffers (BN running statistics) identical on every rank.
+
+    Per-process BN updates its running statistics from its own images; evaluating or saving
+    such a model would give rank-dependent answers. One collective for all buffers.
+    """
+    if get_world_size() == 1:
+        return
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([b.detach().reshape(-1).double() for b in buffers])
+    all_reduce_sum(flat).div_(get_world_size())
+    offset = 0
+    for b in buffers:
+        b.copy_(flat[offset : offset + b.numel()].view_as(b))
+        offset += b.numel()

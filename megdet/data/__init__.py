@@ -1,0 +1,1 @@
+"""Datasets (COCO files, the synthetic shapes generator) and the global-shuffle sampler."""

@@ -69,7 +69,6 @@ def train(cfg: Config, task: DetectionTask, run_dir: Path, ctx: dist.DistContext
         run_dir, plan.max_iter, tensorboard=cfg.log.tensorboard, enabled=ctx.is_main
     )
     eval_every = cfg.eval.period * plan.iters_per_epoch
-    metrics: dict[str, float] = {}
     model.train()
     for iteration, batch in enumerate(loader):
         lr = lr_at(plan, iteration)
@@ -87,22 +86,28 @@ def train(cfg: Config, task: DetectionTask, run_dir: Path, ctx: dist.DistContext
             # One collective and one host sync per logged iteration, not per loss term.
             values = dist.reduce_mean_dict({**losses, "loss": loss})
             events.training(iteration, done / plan.iters_per_epoch, lr, values)
+        if done == plan.max_iter:
+            break
         if cfg.train.checkpoint_period and done % cfg.train.checkpoint_period == 0:
+            dist.average_buffers(model)
             _save(run_dir, model, optimizer, done, cfg, plan, ctx)
-        if eval_every and done % eval_every == 0 and done < plan.max_iter:
-            metrics = _evaluate(task, model, ctx, run_dir, done, plan, events)
+        if eval_every and done % eval_every == 0:
+            dist.average_buffers(model)
+            _evaluate(task, model, ctx, run_dir, done, plan, events, announce=True)
 
+    dist.average_buffers(model)
     _save(run_dir, model, optimizer, plan.max_iter, cfg, plan, ctx)
-    metrics = _evaluate(task, model, ctx, run_dir, plan.max_iter, plan, events)
+    metrics = _evaluate(task, model, ctx, run_dir, plan.max_iter, plan, events, announce=False)
     events.close()
     return TrainResult(model, plan, metrics)
 
 
-def _evaluate(task, model, ctx, run_dir, iteration, plan: Plan, events) -> dict[str, float]:
+def _evaluate(task, model, ctx, run_dir, iteration, plan: Plan, events, announce: bool):
+    """Evaluate on every rank; ``announce`` logs the table (the final one is the caller's)."""
     metrics = task.evaluate(model, ctx.device, run_dir / "eval" if ctx.is_main else None)
     epoch = iteration / plan.iters_per_epoch
     events.evaluation(iteration, epoch, metrics)
-    if ctx.is_main:
+    if ctx.is_main and announce:
         log.info("evaluation at iteration %d (epoch %.2f):\n%s", iteration, epoch,
                  task.format_metrics(metrics))  # fmt: skip
     return metrics

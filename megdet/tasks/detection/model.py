@@ -31,12 +31,6 @@ def anchor_sizes(cfg: ModelConfig) -> list[int]:
     return [smallest * 2**level for level in range(5)]
 
 
-def canonical_scale(cfg: ModelConfig) -> int:
-    """RoI side that FPN assigns to P4 (Lin et al. eq. 1: 224 at ~800 px), scaled with the
-    image so that small images still spread their RoIs over P2..P5 instead of all on P2."""
-    return max(8, round(224 * cfg.min_size / 800))
-
-
 def build_detector(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
     """Faster R-CNN + FPN (P2..P6) for ``num_classes`` object classes plus background."""
     backbone = build_backbone(cfg)
@@ -48,7 +42,6 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
         featmap_names=["0", "1", "2", "3"],
         output_size=7,
         sampling_ratio=cfg.roi_sampling_ratio,
-        canonical_scale=canonical_scale(cfg),
     )
     if cfg.norm_scope == "all":
         box_head = FastRCNNConvFCHead(
@@ -74,6 +67,7 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
         box_head=box_head,
         box_predictor=FastRCNNPredictor(cfg.box_head_dim, num_classes + 1),
         box_batch_size_per_image=cfg.roi_batch_per_image,
+        box_positive_fraction=cfg.roi_positive_fraction,
         box_score_thresh=cfg.box_score_thresh,
         box_detections_per_img=cfg.box_detections_per_img,
     )
