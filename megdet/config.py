@@ -22,7 +22,7 @@ import yaml
 from megdet.errors import ConfigError
 
 BACKBONES = ("tiny", "resnet18", "resnet50")
-NORMS = ("frozen", "bn", "gn")
+NORMS = ("frozen", "bn", "gn", "cgbn")
 NORM_SCOPES = ("backbone", "backbone+fpn", "all")
 POLICIES = ("step", "normal", "long")
 WARMUPS = ("linear", "constant", "none")
@@ -48,6 +48,7 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "resnet50"
     norm: str = "frozen"
+    bn_size: int | None = None  # cgbn: images per statistics group; null: all processes
     # Where model.norm applies: the backbone; also the FPN; or also a conv box head ("all").
     norm_scope: str = "backbone"
     box_head_convs: int = 4  # conv layers of the box head when norm_scope is "all"
@@ -172,6 +173,8 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be > 0, got {value}")
+    if cfg.model.bn_size is not None and cfg.model.bn_size <= 0:
+        raise ConfigError(f"model.bn_size: must be > 0, got {cfg.model.bn_size}")
     if cfg.train.epochs is not None and cfg.train.epochs <= 0:
         raise ConfigError(f"train.epochs: must be > 0, got {cfg.train.epochs}")
     if not 0 <= cfg.model.frozen_stages <= 5:

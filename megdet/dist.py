@@ -92,11 +92,45 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over all ranks, in place, and return the tensor."""
-    if get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+def group_size(group=None) -> int:
+    """Processes in ``group`` (None: the default group); 1 without a process group."""
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum over the ranks of ``group``, in place, and return the tensor."""
+    if group_size(group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
+
+
+def all_gather_tensor(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Stack ``tensor`` from every rank of ``group``: shape ``(group size, *tensor.shape)``."""
+    size = group_size(group)
+    if size == 1:
+        return tensor[None]
+    out = tensor.new_empty(size * tensor.numel())
+    dist.all_gather_single(out, tensor.reshape(-1).contiguous(), group=group)
+    return out.view(size, *tensor.shape)
+
+
+def new_group(ranks: list[int]):
+    """A process group over ``ranks``; every rank must call this for every group, in order."""
+    return dist.new_group(ranks)
+
+
+def own_group(groups: list[list[int]]):
+    """Create every group (same order on every rank) and return the one holding this rank.
+
+    The groups are new even when one spans the whole world, so that CGBN's collectives never
+    queue behind DDP's gradient buckets on the default group.
+    """
+    mine = None
+    for ranks in groups:
+        group = new_group(ranks) if get_world_size() > 1 else None
+        if get_rank() in ranks:
+            mine = group
+    return mine
 
 
 def reduce_mean_dict(values: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -22,6 +22,44 @@ POLICIES = {
 
 
 @dataclass(frozen=True)
+class BNGroups:
+    """How BN statistics are pooled (MegDet's "BN size"): over ``ranks_per_group``
+    consecutive processes, or over chunks of ``local_group_size`` images inside each process."""
+
+    images_per_group: int
+    ranks_per_group: int
+    local_group_size: int | None
+
+    def groups(self, world_size: int) -> list[list[int]]:
+        k = self.ranks_per_group
+        return [list(range(start, start + k)) for start in range(0, world_size, k)]
+
+
+def bn_groups(cfg: Config, world_size: int) -> BNGroups | None:
+    """Turn ``model.bn_size`` into groups; None unless ``model.norm`` is cgbn."""
+    if cfg.model.norm != "cgbn":
+        return None
+    per_device = cfg.train.batch_size // world_size
+    size = cfg.model.bn_size or cfg.train.batch_size  # null: all processes
+    if size <= per_device:
+        if per_device % size:
+            raise ConfigError(
+                f"model.bn_size: {size} does not divide the {per_device} images per process"
+            )
+        return BNGroups(size, 1, size)
+    ranks = size // per_device
+    if size % per_device or world_size % ranks:
+        raise ConfigError(
+            f"model.bn_size: {size} images do not fit {world_size} processes x {per_device} "
+            f"images; use a divisor of {per_device} or a multiple of it that divides "
+            f"{cfg.train.batch_size}"
+        )
+    # Consecutive ranks: torchrun numbers each node's processes consecutively, so a group of
+    # k ranks stays inside one node whenever k divides the processes per node (as in MegDet).
+    return BNGroups(size, ranks, None)
+
+
+@dataclass(frozen=True)
 class Plan:
     world_size: int
     global_batch: int
@@ -37,6 +75,7 @@ class Plan:
     epochs: float
     max_iter: int
     milestones: list[list[float]]  # [[iteration, factor], ...]
+    bn_groups: BNGroups | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -46,12 +85,17 @@ class Plan:
 
     def summary(self) -> str:
         steps = ", ".join(f"x{f:g} at {int(m)}" for m, f in self.milestones) or "none"
+        bn = ""
+        if self.bn_groups:
+            g = self.bn_groups
+            where = f"{g.ranks_per_group} process(es)" if not g.local_group_size else "1 process"
+            bn = f"; CGBN over {g.images_per_group} images ({where} per group)"
         return (
             f"{self.world_size} process(es) x {self.images_per_device} images = global batch "
             f"{self.global_batch}; lr {self.base_lr:g} x {self.global_batch}/{self.base_batch} = "
             f"{self.lr:g}; {self.warmup} warmup from {self.warmup_start_lr:g} over "
             f"{self.warmup_iters} iterations; {self.iters_per_epoch} iterations/epoch x "
-            f"{self.epochs:g} epochs = {self.max_iter} iterations; decay {steps}"
+            f"{self.epochs:g} epochs = {self.max_iter} iterations; decay {steps}{bn}"
         )
 
 
@@ -97,4 +141,5 @@ def make_plan(cfg: Config, world_size: int, num_train_images: int) -> Plan:
         epochs=end,
         max_iter=max_iter,
         milestones=[[round(epoch * iters_per_epoch), factor] for epoch, factor in steps],
+        bn_groups=bn_groups(cfg, world_size),
     )

@@ -62,3 +62,19 @@ def test_missing_data_is_a_one_line_error(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"megdet: error: {tmp_path}/nope.json: annotation file not found"
+
+
+@pytest.mark.slow
+def test_nproc_launches_workers_through_torchrun(tiny_shapes, tmp_path):
+    run = tmp_path / "run"
+    proc = megdet(
+        "train", "--config", "instant_test", "--nproc", 2, "--out", run,
+        *instant_overrides(tiny_shapes), "train.max_iter=3",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = json.loads((run / "plan.json").read_text())
+    assert (plan["world_size"], plan["images_per_device"], plan["max_iter"]) == (2, 4, 3)
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["iteration"] == 3
+    bad = megdet("train", "--config", "instant_test", "--nproc", 2, "model.norm=batch")
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "megdet: error: model.norm: 'batch' is not one of frozen, bn, gn"

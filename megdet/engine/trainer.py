@@ -20,6 +20,7 @@ from megdet.data.coco import collate
 from megdet.data.sampler import GlobalShuffleSampler
 from megdet.engine.checkpoint import atomic_write_text, save_checkpoint
 from megdet.engine.events import EventWriter
+from megdet.nn import norm_layer
 from megdet.plan import Plan, make_plan
 from megdet.solver import build_optimizer, lr_at, set_lr
 from megdet.tasks.detection.task import DetectionTask
@@ -45,8 +46,12 @@ def train(cfg: Config, task: DetectionTask, run_dir: Path, ctx: dist.DistContext
         atomic_write_text(run_dir / "plan.json", plan.to_json() + "\n")
         log.info("plan: %s", plan.summary())
 
+    norm = None
+    if plan.bn_groups is not None:
+        group = dist.own_group(plan.bn_groups.groups(ctx.world_size))
+        norm = norm_layer(cfg.model.norm, group, plan.bn_groups.local_group_size)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = task.build_model().to(ctx.device)
+    model = task.build_model(norm=norm).to(ctx.device)
     optimizer = build_optimizer(model, cfg.solver, plan.lr)
     ddp = DistributedDataParallel(model) if ctx.world_size > 1 else model
 

@@ -6,11 +6,14 @@ GroupNorm; building every backbone through a ``norm_layer`` factory makes that o
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
+
+from megdet.nn.cgbn import CrossGPUBatchNorm2d
 
 
 def _group_norm(num_channels: int) -> nn.GroupNorm:
@@ -25,9 +28,18 @@ _NORMS: dict[str, Callable[[int], nn.Module]] = {
 }
 
 
-def norm_layer(name: str) -> Callable[[int], nn.Module]:
-    """A constructor ``f(num_channels) -> nn.Module`` for ``model.norm``."""
+def norm_layer(
+    name: str, process_group=None, local_group_size: int | None = None
+) -> Callable[[int], nn.Module]:
+    """A constructor ``f(num_channels) -> nn.Module`` for ``model.norm``.
+
+    ``process_group`` and ``local_group_size`` are CGBN's statistics group (see ``plan.py``).
+    """
+    if name == "cgbn":
+        return functools.partial(
+            CrossGPUBatchNorm2d, process_group=process_group, local_group_size=local_group_size
+        )
     try:
         return _NORMS[name]
     except KeyError:
-        raise ValueError(f"unknown norm '{name}' (choose from {', '.join(_NORMS)})") from None
+        raise ValueError(f"unknown norm '{name}' (choose from cgbn, {', '.join(_NORMS)})") from None

@@ -13,7 +13,6 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from megdet.config import ModelConfig
 from megdet.errors import ConfigError
-from megdet.nn import norm_layer
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +65,8 @@ class TinyResNet(nn.Module):
         return x
 
 
-def build_backbone(cfg: ModelConfig) -> BackboneWithFPN:
-    """Backbone + FPN returning P2..P5 (names '0'..'3') and P6 ('pool')."""
-    norm = norm_layer(cfg.norm)
+def build_backbone(cfg: ModelConfig, norm: Callable[[int], nn.Module]) -> BackboneWithFPN:
+    """Backbone + FPN returning P2..P5 (names '0'..'3') and P6 ('pool'), normalized by ``norm``."""
     if cfg.backbone == "tiny":
         body = TinyResNet(norm)
         widths = list(body.widths)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import (
@@ -31,9 +34,16 @@ def anchor_sizes(cfg: ModelConfig) -> list[int]:
     return [smallest * 2**level for level in range(5)]
 
 
-def build_detector(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
-    """Faster R-CNN + FPN (P2..P6) for ``num_classes`` object classes plus background."""
-    backbone = build_backbone(cfg)
+def build_detector(
+    cfg: ModelConfig, num_classes: int, norm: Callable[[int], nn.Module] | None = None
+) -> FasterRCNN:
+    """Faster R-CNN + FPN (P2..P6) for ``num_classes`` object classes plus background.
+
+    ``norm`` builds every normalization layer; by default ``model.norm`` without a process
+    group (CGBN then pools over the default group; the trainer passes its BN groups).
+    """
+    norm = norm or norm_layer(cfg.norm)
+    backbone = build_backbone(cfg, norm)
     anchors = AnchorGenerator(
         sizes=tuple((size,) for size in anchor_sizes(cfg)),
         aspect_ratios=(ASPECT_RATIOS,) * 5,
@@ -48,7 +58,7 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
             (cfg.fpn_channels, 7, 7),
             conv_layers=[cfg.fpn_channels] * cfg.box_head_convs,
             fc_layers=[cfg.box_head_dim],
-            norm_layer=norm_layer(cfg.norm),
+            norm_layer=norm,
         )
     else:
         box_head = TwoMLPHead(cfg.fpn_channels * 7 * 7, cfg.box_head_dim)

@@ -35,10 +35,11 @@ class DetectionTask:
     def num_train_images(self) -> int:
         return len(self.train_index.images)
 
-    def build_model(self, split: str = "train") -> nn.Module:
-        """The detector, with as many classes as ``split``'s annotation file has categories."""
+    def build_model(self, split: str = "train", norm=None) -> nn.Module:
+        """The detector, with as many classes as ``split``'s annotation file has categories;
+        ``norm`` overrides the normalization constructor (CGBN with its process group)."""
         index = self.train_index if split == "train" else self.val_index
-        return build_detector(self.cfg.model, index.num_classes)
+        return build_detector(self.cfg.model, index.num_classes, norm)
 
     def train_dataset(self) -> CocoDetection:
         cfg = self.cfg
