@@ -32,5 +32,10 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# Benchmarks print ratios measured side by side in one run; record them in BENCHMARKS.md.
+bench: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node 2 bench/cgbn_overhead.py --images 8 --steps 20
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node 2 bench/cgbn_overhead.py --images 16 --steps 10
+
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

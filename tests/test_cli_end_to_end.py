@@ -77,4 +77,7 @@ def test_nproc_launches_workers_through_torchrun(tiny_shapes, tmp_path):
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["iteration"] == 3
     bad = megdet("train", "--config", "instant_test", "--nproc", 2, "model.norm=batch")
     assert bad.returncode == 2
-    assert bad.stderr.strip() == "megdet: error: model.norm: 'batch' is not one of frozen, bn, gn"
+    assert (
+        bad.stderr.strip()
+        == "megdet: error: model.norm: 'batch' is not one of frozen, bn, gn, cgbn"
+    )

@@ -96,5 +96,5 @@ def test_cli_reports_config_errors_in_one_line_with_exit_code_2():
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "megdet: error: model.norm: 'batch' is not one of frozen, bn, gn"
+        "megdet: error: model.norm: 'batch' is not one of frozen, bn, gn, cgbn"
     ]

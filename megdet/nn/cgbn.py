@@ -26,7 +26,9 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 class _CrossGPUBatchNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, eps, factor, group, chunk):
+    def forward(
+        ctx, x, weight, bias, running_mean, running_var, eps, factor, group, chunk, two_pass
+    ):
         """``factor``: running-statistics update weight, or None for no update."""
         dtype = _compute_dtype(x)
         n, c, hw = x.shape[0], x.shape[1], x.shape[2:].numel()
@@ -36,6 +38,14 @@ class _CrossGPUBatchNormFunction(torch.autograd.Function):
             var, mean = torch.var_mean(xg, dim=-1, unbiased=False)
             group_mean, group_var = mean.to(torch.float64), var.to(torch.float64)
             total = torch.full((n // chunk,), float(xg.shape[-1]), dtype=torch.float64)
+        elif two_pass:  # the paper's variant: all-reduce the mean, then the variance
+            sums = torch.cat([xc.new_tensor([float(n * hw)]), xc.sum(dim=(0, 2))])
+            sums = dist.all_reduce_sum(sums.to(torch.float64), group)
+            total = sums[:1]
+            group_mean = sums[1:] / total.clamp(min=1)
+            m2 = (xc - group_mean.to(dtype)[None, :, None]).square().sum(dim=(0, 2))
+            m2 = dist.all_reduce_sum(m2.to(torch.float64), group)
+            group_mean, group_var = group_mean[None], (m2 / total.clamp(min=1))[None]
         else:
             local = xc.shape[0] * xc.shape[2]
             if local:
@@ -64,12 +74,18 @@ class _CrossGPUBatchNormFunction(torch.autograd.Function):
 
         invstd = torch.rsqrt(group_var + eps).to(dtype)  # (groups, c)
         mean_d = group_mean.to(dtype)
-        y = _normalize(xc, mean_d, invstd, chunk)
+        # Normalize the 4D input itself: the output must be a new tensor, not a view, so that
+        # an in-place ReLU after it is allowed.
+        per_image = (n, c) + (1,) * (x.dim() - 2)
+        y = (x.to(dtype) - _per_image(mean_d, n, chunk).reshape(per_image)) * _per_image(
+            invstd, n, chunk
+        ).reshape(per_image)
         if weight is not None:
-            y = y * weight.to(dtype)[None, :, None] + bias.to(dtype)[None, :, None]
+            affine = (1, c) + (1,) * (x.dim() - 2)
+            y = y * weight.to(dtype).view(affine) + bias.to(dtype).view(affine)
         ctx.save_for_backward(x, weight, mean_d, invstd, total.to(dtype))
         ctx.group, ctx.chunk = group, chunk
-        return y.reshape(x.shape).to(x.dtype)
+        return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
@@ -101,7 +117,7 @@ class _CrossGPUBatchNormFunction(torch.autograd.Function):
         if weight is not None:
             dweight = local_dy_xhat.to(weight.dtype)
             dbias = local_dy.to(weight.dtype)
-        return dx.reshape(x.shape).to(x.dtype), dweight, dbias, None, None, None, None, None, None
+        return (dx.reshape(x.shape).to(x.dtype), dweight, dbias) + (None,) * 7
 
 
 def _group_view(t: torch.Tensor, groups: int, chunk: int) -> torch.Tensor:
@@ -112,10 +128,7 @@ def _group_view(t: torch.Tensor, groups: int, chunk: int) -> torch.Tensor:
 
 def _per_image(stat: torch.Tensor, n: int, chunk: int | None) -> torch.Tensor:
     """Per-group (groups, c) statistics repeated to (n, c, 1), one row per image."""
-    if chunk:
-        stat = stat.repeat_interleave(chunk, dim=0)
-    else:
-        stat = stat.expand(n, -1)
+    stat = stat.repeat_interleave(chunk, dim=0) if chunk else stat.expand(n, -1)
     return stat[:, :, None]
 
 
@@ -136,8 +149,9 @@ class CrossGPUBatchNorm2d(nn.modules.batchnorm._BatchNorm):
 
     Args mirror ``nn.SyncBatchNorm``; ``local_group_size=g`` normalizes each process's batch in
     consecutive chunks of ``g`` images (BN sizes below the images per device) and cannot be
-    combined with a multi-process ``process_group``. Eval mode uses the running statistics and
-    makes no collective call.
+    combined with a multi-process ``process_group``. ``two_pass=True`` is the paper's variant
+    (all-reduce the mean, then the variance: two collectives in forward), kept to compare.
+    Eval mode uses the running statistics and makes no collective call.
     """
 
     def __init__(
@@ -149,6 +163,7 @@ class CrossGPUBatchNorm2d(nn.modules.batchnorm._BatchNorm):
         track_running_stats: bool = True,
         process_group=None,
         local_group_size: int | None = None,
+        two_pass: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -160,6 +175,7 @@ class CrossGPUBatchNorm2d(nn.modules.batchnorm._BatchNorm):
                 raise ValueError("local_group_size cannot be combined with a multi-process group")
         self.process_group = process_group
         self.local_group_size = local_group_size
+        self.two_pass = two_pass
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() != 4:
@@ -193,6 +209,7 @@ class CrossGPUBatchNorm2d(nn.modules.batchnorm._BatchNorm):
             factor,
             self.process_group,
             chunk,
+            self.two_pass,
         )
 
     def extra_repr(self) -> str:

@@ -11,8 +11,10 @@ from tests.conftest import instant_overrides
 from tests.distributed import run_in_processes
 
 
-def _train_a_few_iterations(rank, world_size, root, run_dir):
-    cfg = load_config("instant_test", [*instant_overrides(root), "train.max_iter=4"])
+def _train_a_few_iterations(rank, world_size, root, run_dir, norm):
+    cfg = load_config(
+        "instant_test", [*instant_overrides(root), "train.max_iter=4", f"model.norm={norm}"]
+    )
     ctx = dist.init_distributed()
     assert (ctx.rank, ctx.world_size) == (rank, world_size)
     result = train(cfg, DetectionTask(cfg), run_dir, ctx)
@@ -21,10 +23,11 @@ def _train_a_few_iterations(rank, world_size, root, run_dir):
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_two_gloo_processes_train_to_identical_weights(tiny_shapes, tmp_path):
+@pytest.mark.parametrize("norm", ["bn", "cgbn"])
+def test_two_gloo_processes_train_to_identical_weights(tiny_shapes, tmp_path, norm):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    first, second = run_in_processes(_train_a_few_iterations, 2, tiny_shapes, run_dir)
+    first, second = run_in_processes(_train_a_few_iterations, 2, tiny_shapes, run_dir, norm)
     assert first["metrics"] == second["metrics"]
     assert set(first["weights"]) == set(second["weights"])
     for key, value in first["weights"].items():
@@ -33,6 +36,10 @@ def test_two_gloo_processes_train_to_identical_weights(tiny_shapes, tmp_path):
     saved = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert saved["iteration"] == 4 and saved["plan"]["world_size"] == 2
     assert all(torch.equal(saved["model"][k], v) for k, v in first["weights"].items())
+    if norm == "cgbn":
+        assert saved["plan"]["bn_groups"] == {
+            "images_per_group": 8, "ranks_per_group": 2, "local_group_size": None
+        }  # fmt: skip
     init = DetectionTask(load_config("instant_test", instant_overrides(tiny_shapes))).build_model()
     changed = [k for k, v in init.state_dict().items() if not torch.equal(first["weights"][k], v)]
     assert any("roi_heads" in k for k in changed) and any("backbone.body" in k for k in changed)

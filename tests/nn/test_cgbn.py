@@ -54,8 +54,8 @@ def _reference(xs, dys, weight, bias, steps=2):
     }  # fmt: skip
 
 
-def _run_cgbn(rank, x, dy, weight, bias, group=None, steps=2, count=None):
-    bn = CrossGPUBatchNorm2d(C, process_group=group)
+def _run_cgbn(rank, x, dy, weight, bias, group=None, steps=2, two_pass=False):
+    bn = CrossGPUBatchNorm2d(C, process_group=group, two_pass=two_pass)
     if x.dtype == torch.float64:
         bn.double()
     with torch.no_grad():
@@ -86,9 +86,10 @@ def _numerics_worker(rank, world):
     for dtype in (torch.float64, torch.float32):
         xs, dys, weight, bias = _inputs(world, dtype)
         ref = _reference(xs, dys, weight, bias)
-        ours = _run_cgbn(rank, xs[rank], dys[rank], weight, bias)
         ref_local = {**ref, "y": ref["y"][rank], "dx": ref["dx"][rank]}
-        _assert_close(ours, ref_local, dtype)
+        for two_pass in (False, True):
+            ours = _run_cgbn(rank, xs[rank], dys[rank], weight, bias, two_pass=two_pass)
+            _assert_close(ours, ref_local, dtype)
         results[str(dtype)] = True
 
     # Large mean, small spread, float32: the variance must still be right (requirement 4).
@@ -183,6 +184,16 @@ def test_local_group_size_equals_batchnorm_chunk_by_chunk():
     assert torch.allclose(bn.running_mean, expected, atol=1e-12)
     with pytest.raises(ValueError, match="does not split into BN groups of 4"):
         CrossGPUBatchNorm2d(C, local_group_size=4)(x)
+
+
+def test_output_is_not_a_view_so_inplace_relu_works():
+    x = torch.randn(4, C, 6, 6, requires_grad=True)
+    y = torch.relu_(CrossGPUBatchNorm2d(C)(x))
+    y.sum().backward()
+    reference = nn.BatchNorm2d(C)
+    xr = x.detach().clone().requires_grad_()
+    torch.relu_(reference(xr)).sum().backward()
+    assert torch.allclose(x.grad, xr.grad, atol=1e-5)
 
 
 def test_bf16_inputs_accumulate_statistics_in_float32():

@@ -1,0 +1,39 @@
+import pytest
+
+from megdet.config import load_config
+from megdet.errors import ConfigError
+from megdet.plan import BNGroups, make_plan
+
+
+def _groups(bn_size, batch=64, world=8):
+    overrides = ["model.norm=cgbn", f"train.batch_size={batch}"]
+    if bn_size is not None:
+        overrides.append(f"model.bn_size={bn_size}")
+    return make_plan(load_config("coco_r50_fpn", overrides), world, 1000).bn_groups
+
+
+def test_bn_size_becomes_process_groups_or_image_chunks():
+    assert _groups(None) == BNGroups(64, 8, None)  # all processes
+    assert _groups(32) == BNGroups(32, 4, None)  # the paper's best: 4 devices x 8 images
+    assert _groups(32).groups(8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert _groups(8) == BNGroups(8, 1, 8)  # one device's images
+    assert _groups(2) == BNGroups(2, 1, 2)  # chunks inside a device
+    assert make_plan(load_config("coco_r50_fpn"), 8, 1000).bn_groups is None
+
+
+@pytest.mark.parametrize(
+    ("bn_size", "message"),
+    [(3, "does not divide the 8 images per process"), (24, "do not fit 8 processes x 8")],
+)
+def test_bn_size_that_does_not_fit_is_a_one_line_error(bn_size, message):
+    with pytest.raises(ConfigError, match=message):
+        _groups(bn_size)
+
+
+def test_plan_reports_bn_groups():
+    plan = make_plan(load_config("coco_r50_fpn", ["model.norm=cgbn", "model.bn_size=32",
+                                                  "train.batch_size=64"]), 8, 1000)  # fmt: skip
+    assert "CGBN over 32 images (4 process(es) per group)" in plan.summary()
+    assert plan.to_dict()["bn_groups"] == {
+        "images_per_group": 32, "ranks_per_group": 4, "local_group_size": None
+    }  # fmt: skip
