@@ -37,3 +37,15 @@ def test_plan_reports_bn_groups():
     assert plan.to_dict()["bn_groups"] == {
         "images_per_group": 32, "ranks_per_group": 4, "local_group_size": None
     }  # fmt: skip
+
+
+@pytest.mark.parametrize("batch", [32, 64, 128, 256])
+def test_paper_presets_scale_lr_and_keep_bn_size_32(batch):
+    cfg = load_config(f"coco_r50_fpn_bs{batch}")
+    plan = make_plan(cfg, world_size=batch // 2, num_train_images=117266)
+    assert plan.lr == pytest.approx(0.02 * batch / 16)
+    assert plan.warmup_start_lr == pytest.approx(0.02)
+    assert plan.bn_groups == BNGroups(32, 16, None)
+    assert plan.max_iter == 11 * -(-117266 // batch)
+    base = make_plan(load_config("coco_r50_fpn_16base"), 8, 117266)
+    assert base.bn_groups is None and base.lr == pytest.approx(0.02)
