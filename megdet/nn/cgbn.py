@@ -3,11 +3,12 @@
 BatchNorm whose statistics cover every image of a *BN group*: all processes of
 ``process_group``, or consecutive chunks of ``local_group_size`` images inside one process.
 
-Why not ``nn.SyncBatchNorm``: it refuses CPU tensors, always uses the whole group, and sums
-``E[x]`` and ``E[x^2]`` in the input's precision, which loses the variance of inputs whose mean
-is large next to their spread. Here each process computes its count, mean and centred sum of
-squares (M2) in float32 or float64, and the group combines them in float64 with Chan et al.'s
-parallel formula. Forward makes one collective (all-gather of ``[count, mean, M2]``) and
+Why not ``nn.SyncBatchNorm``: it refuses CPU tensors, pools over its whole process group only
+(no BN size below or between device counts), and re-runs its collectives when activation
+checkpointing recomputes a forward. Here each process computes its count, mean and centred sum
+of squares (M2) in float32 or float64, and the group combines them in float64 with Chan et al.'s
+parallel formula, so a large mean next to a small spread keeps its variance (a naive float32
+``E[x^2] - E[x]^2`` does not). Forward makes one collective (all-gather of ``[count, mean, M2]``) and
 backward one (all-gather of ``[sum dy, sum dy*x_hat]``, summed in rank order).
 """
 
