@@ -115,6 +115,7 @@ class CocoDetection(torch.utils.data.Dataset):
             "boxes": boxes.as_subclass(torch.Tensor),
             "labels": torch.tensor([label for _, label in pairs], dtype=torch.int64),
             "image_id": info["id"],
+            "epoch": epoch,
             "index": i,
         }
         image = F.to_dtype(image, torch.float32, scale=True).as_subclass(torch.Tensor)

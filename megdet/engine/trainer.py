@@ -79,6 +79,7 @@ def train(cfg: Config, task: DetectionTask, run_dir: Path, ctx: dist.DistContext
         lr = lr_at(plan, iteration)
         set_lr(optimizer, lr)
         images, targets = task.to_device(batch, ctx.device)
+        task.begin_step(model, targets)
         losses = ddp(images, targets)
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)

@@ -8,8 +8,9 @@ Why not ``nn.SyncBatchNorm``: it refuses CPU tensors, pools over its whole proce
 checkpointing recomputes a forward. Here each process computes its count, mean and centred sum
 of squares (M2) in float32 or float64, and the group combines them in float64 with Chan et al.'s
 parallel formula, so a large mean next to a small spread keeps its variance (a naive float32
-``E[x^2] - E[x]^2`` does not). Forward makes one collective (all-gather of ``[count, mean, M2]``) and
-backward one (all-gather of ``[sum dy, sum dy*x_hat]``, summed in rank order).
+``E[x^2] - E[x]^2`` does not). Forward makes one collective (all-gather of
+``[count, mean, M2]``) and backward one (all-gather of ``[sum dy, sum dy*x_hat]``, summed in
+rank order).
 """
 
 from __future__ import annotations

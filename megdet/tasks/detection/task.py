@@ -13,6 +13,7 @@ from megdet.data.coco import CocoDetection, CocoIndex, read_coco
 from megdet.errors import ConfigError
 from megdet.tasks.detection.evaluation import evaluate_distributed, format_metrics
 from megdet.tasks.detection.model import build_detector
+from megdet.tasks.detection.sampling import SeededPositiveNegativeSampler
 
 
 class DetectionTask:
@@ -39,7 +40,22 @@ class DetectionTask:
         """The detector, with as many classes as ``split``'s annotation file has categories;
         ``norm`` overrides the normalization constructor (CGBN with its process group)."""
         index = self.train_index if split == "train" else self.val_index
-        return build_detector(self.cfg.model, index.num_classes, norm)
+        model = build_detector(self.cfg.model, index.num_classes, norm)
+        seed, cfg = self.cfg.train.seed, self.cfg.model
+        model.rpn.fg_bg_sampler = SeededPositiveNegativeSampler(
+            cfg.rpn_batch_per_image, 0.5, seed, stream=0
+        )
+        model.roi_heads.fg_bg_sampler = SeededPositiveNegativeSampler(
+            cfg.roi_batch_per_image, cfg.roi_positive_fraction, seed, stream=1
+        )
+        return model
+
+    @staticmethod
+    def begin_step(model: nn.Module, targets: list[dict]) -> None:
+        """Tell the seeded samplers which images this batch holds."""
+        keys = [(t["epoch"], t["index"]) for t in targets]
+        model.rpn.fg_bg_sampler.image_keys = keys
+        model.roi_heads.fg_bg_sampler.image_keys = keys
 
     def train_dataset(self) -> CocoDetection:
         cfg = self.cfg
