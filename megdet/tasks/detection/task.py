@@ -19,8 +19,6 @@ from megdet.tasks.detection.sampling import SeededPositiveNegativeSampler
 class DetectionTask:
     """Annotation files are read lazily: evaluating needs only the val split."""
 
-    primary_metric = "mmAP"
-
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
 
