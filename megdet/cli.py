@@ -74,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="print what a run will do, before training")
     config_args(plan)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--lr-at", metavar="I,J,...", help="also print the lr at these iterations")
     plan.set_defaults(handler=_cmd_plan)
 
     train = commands.add_parser("train", help="train a detector")
@@ -103,13 +104,33 @@ def _cmd_shapes(args) -> int:
 
 
 def _cmd_plan(args) -> int:
+    import json
+
     from megdet.data.coco import read_coco
     from megdet.plan import make_plan
+    from megdet.solver import lr_at
 
     cfg = load_config(args.config, args.overrides)
-    num_images = len(read_coco(cfg.data.train.json).images)
+    num_images = cfg.data.train.num_images
+    if num_images is None:
+        num_images = len(read_coco(cfg.data.train.json).images)
     plan = make_plan(cfg, args.nproc, num_images)
-    print(plan.to_json() if args.json else plan.summary())
+    lr_at_iters = {}
+    if args.lr_at:
+        try:
+            iterations = [int(i) for i in args.lr_at.split(",")]
+        except ValueError:
+            raise MegdetError(
+                f"--lr-at: expected iterations like 0,100,500, got {args.lr_at}"
+            ) from None
+        lr_at_iters = {str(i): lr_at(plan, i) for i in iterations}
+    if args.json:
+        print(json.dumps({**plan.to_dict(), **({"lr_at": lr_at_iters} if args.lr_at else {})},
+                         indent=2))  # fmt: skip
+    else:
+        print(plan.summary())
+        for it, lr in lr_at_iters.items():
+            print(f"lr at iteration {it}: {lr:.6g}")
     return 0
 
 

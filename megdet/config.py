@@ -34,6 +34,7 @@ class SplitConfig:
 
     json: str = ""
     images: str = ""
+    num_images: int | None = None  # lets `megdet plan` work where the data is not (train only)
 
 
 @dataclass

@@ -49,3 +49,18 @@ def test_paper_presets_scale_lr_and_keep_bn_size_32(batch):
     assert plan.max_iter == 11 * -(-117266 // batch)
     base = make_plan(load_config("coco_r50_fpn_16base"), 8, 117266)
     assert base.bn_groups is None and base.lr == pytest.approx(0.02)
+
+
+def test_plan_command_works_without_the_data_and_prints_lr_at():
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "megdet", "plan", "--config", "coco_r50_fpn_bs256",
+         "data.train.num_images=117266", "--nproc", "128", "--json", "--lr-at", "0,250,4000"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    plan = json.loads(proc.stdout)
+    assert (plan["world_size"], plan["images_per_device"], plan["iters_per_epoch"]) == (128, 2, 459)
+    assert plan["lr_at"] == pytest.approx({"0": 0.02, "250": 0.17, "4000": 0.032})
