@@ -37,6 +37,11 @@ def test_instant_train_then_eval_through_the_cli(tmp_path):
     training = [r for r in records if "loss" in r]
     assert {"iter", "epoch", "lr", "loss", "loss_classifier", "loss_box_reg"} <= set(training[0])
     assert training[-1]["loss"] < training[0]["loss"]
+    # MegDet Table 1 statistics: sampled positives/negatives per image in the RPN and RoI heads.
+    for record in training:
+        assert record["rpn_pos"] + record["rpn_neg"] == pytest.approx(256)
+        assert record["roi_pos"] + record["roi_neg"] == pytest.approx(64)
+        assert 0 < record["roi_pos"] <= 32 and 0 < record["rpn_pos"] <= 128
     final = records[-1]["eval"]
     # Overfitting 16 images: the instant preset's expected band.
     assert final["AP50"] > 0.5, final

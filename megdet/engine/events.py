@@ -46,7 +46,10 @@ class EventWriter:
             self._bar.update(1)
 
     def training(self, iteration: int, epoch: float, lr: float, losses: dict[str, float]) -> None:
-        """Scalars after ``iteration`` (0-based) finished; also the console line with ETA."""
+        """Scalars after ``iteration`` (0-based) finished; also the console line with ETA.
+
+        ``losses`` holds ``loss``, the ``loss_*`` terms, and any other per-iteration scalar
+        (the sampling statistics); only the losses go to the console line."""
         if not self.enabled:
             return
         now = time.perf_counter()
@@ -61,7 +64,7 @@ class EventWriter:
                 if key not in ("iter", "epoch"):
                     self._tb.add_scalar(f"train/{key}", value, iteration + 1)
         eta = seconds_per_iter * (self.max_iter - iteration - 1)
-        terms = " ".join(f"{k} {v:.3f}" for k, v in losses.items() if k != "loss")
+        terms = " ".join(f"{k} {v:.3f}" for k, v in losses.items() if k.startswith("loss_"))
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{lr:.4g}")
         else:

@@ -90,7 +90,7 @@ def train(cfg: Config, task: DetectionTask, run_dir: Path, ctx: dist.DistContext
         done = iteration + 1
         if done % cfg.log.period == 0 or done == plan.max_iter:
             # One collective and one host sync per logged iteration, not per loss term.
-            values = dist.reduce_mean_dict({**losses, "loss": loss})
+            values = dist.reduce_mean_dict({**losses, "loss": loss, **task.step_statistics(model)})
             events.training(iteration, done / plan.iters_per_epoch, lr, values)
         if done == plan.max_iter:
             break

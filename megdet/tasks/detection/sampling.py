@@ -24,12 +24,14 @@ class SeededPositiveNegativeSampler:
         self.seed = seed
         self.stream = stream  # keeps the RPN's and the RoI heads' draws independent
         self.image_keys: list[tuple[int, int]] | None = None
+        self.last_counts = (0, 0, 0)  # positives, negatives, images of the last call
 
     def __call__(self, matched_idxs: list[torch.Tensor]):
         keys = self.image_keys
         if keys is None or len(keys) != len(matched_idxs):
             raise RuntimeError("set fg_bg_sampler.image_keys to the batch's (epoch, index) pairs")
         positives, negatives = [], []
+        total_pos = total_neg = 0
         for matched, (epoch, index) in zip(matched_idxs, keys, strict=True):
             generator = torch.Generator().manual_seed(
                 image_seed(self.seed * 7919 + self.stream, epoch, index)
@@ -46,4 +48,6 @@ class SeededPositiveNegativeSampler:
             neg_mask[negative[pick_neg.to(negative.device)]] = 1
             positives.append(pos_mask)
             negatives.append(neg_mask)
+            total_pos, total_neg = total_pos + num_pos, total_neg + num_neg
+        self.last_counts = (total_pos, total_neg, len(matched_idxs))
         return positives, negatives

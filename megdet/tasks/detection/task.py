@@ -55,6 +55,19 @@ class DetectionTask:
         model.rpn.fg_bg_sampler.image_keys = keys
         model.roi_heads.fg_bg_sampler.image_keys = keys
 
+    @staticmethod
+    def step_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
+        """MegDet Table 1: sampled positives and negatives per image, in the RPN and RoI heads."""
+        stats = {}
+        for name, sampler in (
+            ("rpn", model.rpn.fg_bg_sampler),
+            ("roi", model.roi_heads.fg_bg_sampler),
+        ):
+            pos, neg, images = sampler.last_counts
+            stats[f"{name}_pos"] = torch.tensor(pos / max(1, images))
+            stats[f"{name}_neg"] = torch.tensor(neg / max(1, images))
+        return stats
+
     def train_dataset(self) -> CocoDetection:
         cfg = self.cfg
         return CocoDetection(
