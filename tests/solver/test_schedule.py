@@ -57,3 +57,32 @@ def test_norm_parameters_get_their_own_weight_decay():
     assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
     assert {id(p) for p in no_decay["params"]} == {id(p) for p in model[1].parameters()}
     assert optimizer.defaults["momentum"] == 0.9
+
+
+def test_torch_sgd_equals_goyal_momentum_correction_across_warmup_and_decay():
+    """Goyal et al. 2.1: with v <- m*v + lr*g the buffer must be scaled by lr_new/lr_old when lr
+    changes; torch's u <- m*u + g, w <- w - lr*u needs no correction. Both give the same weights."""
+    plan = _plan(["solver.warmup_iters=4", "solver.warmup_factor=0.1"], images=16)
+    plan = type(plan)(**{**plan.to_dict(), "milestones": [[6, 0.5]]})
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(5, generator=g, dtype=torch.float64) for _ in range(10)]
+    w0 = torch.randn(5, generator=g, dtype=torch.float64)
+
+    param = torch.nn.Parameter(w0.clone())
+    optimizer = torch.optim.SGD([param], lr=1.0, momentum=0.9)
+    for it, grad in enumerate(grads):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(plan, it)
+        param.grad = grad.clone()
+        optimizer.step()
+
+    w, v, lr_prev = w0.clone(), torch.zeros(5, dtype=torch.float64), None
+    for it, grad in enumerate(grads):
+        lr = lr_at(plan, it)
+        correction = 1.0 if lr_prev is None else lr / lr_prev
+        v = 0.9 * correction * v + lr * grad
+        w = w - v
+        lr_prev = lr
+    lrs = [lr_at(plan, it) for it in range(10)]
+    assert len(set(lrs)) == 6  # 4 warmup steps, the full lr, and the decayed lr
+    torch.testing.assert_close(param.detach(), w, rtol=1e-12, atol=1e-12)
