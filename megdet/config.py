@@ -92,6 +92,7 @@ class SolverConfig:
     nesterov: bool = False
     warmup: str = "linear"
     warmup_iters: int = 500
+    warmup_epochs: float | None = None  # if set, replaces warmup_iters (Goyal: 5 epochs)
     # Learning rate at iteration 0 as a fraction of the scaled lr; null: base_lr / lr, i.e.
     # start at the small-batch rate (MegDet section 3.2).
     warmup_factor: float | None = None

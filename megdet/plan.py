@@ -121,7 +121,11 @@ def make_plan(cfg: Config, world_size: int, num_train_images: int) -> Plan:
     max_iter = round(end * iters_per_epoch)
     if cfg.train.max_iter is not None:
         max_iter = min(max_iter, cfg.train.max_iter)
-    warmup_iters = 0 if solver.warmup == "none" else solver.warmup_iters
+    warmup_iters = solver.warmup_iters
+    if solver.warmup_epochs is not None:
+        warmup_iters = round(solver.warmup_epochs * iters_per_epoch)
+    if solver.warmup == "none":
+        warmup_iters = 0
     if solver.warmup_factor is None:
         start = min(solver.base_lr, lr)  # MegDet: start at the small-batch rate
     else:

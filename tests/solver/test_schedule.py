@@ -49,6 +49,12 @@ def test_warmup_variants_and_policies():
         _plan([], world=3)
 
 
+def test_warmup_in_epochs_follows_the_batch_size():
+    small = _plan(["solver.warmup_epochs=0.5"], images=1600)
+    large = _plan(["solver.warmup_epochs=0.5", "train.batch_size=256"], world=8, images=1600)
+    assert (small.warmup_iters, large.warmup_iters) == (50, 4)  # 0.5 x 100 and 0.5 x 7 iterations
+
+
 def test_norm_parameters_get_their_own_weight_decay():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     cfg = load_config("default", ["solver.weight_decay_norm=0.0"]).solver
