@@ -125,8 +125,10 @@ def _cmd_plan(args) -> int:
             ) from None
         lr_at_iters = {str(i): lr_at(plan, i) for i in iterations}
     if args.json:
-        print(json.dumps({**plan.to_dict(), **({"lr_at": lr_at_iters} if args.lr_at else {})},
-                         indent=2))  # fmt: skip
+        report = plan.to_dict()
+        if args.lr_at:
+            report["lr_at"] = lr_at_iters
+        print(json.dumps(report, indent=2))
     else:
         print(plan.summary())
         for it, lr in lr_at_iters.items():
