@@ -20,6 +20,7 @@ $(SHAPES): | $(STAMP)
 
 demo: $(STAMP) $(SHAPES)
 	$(PY) -m megdet train --config default --nproc 2 --out runs/demo --overwrite
+	$(PY) -m megdet report runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

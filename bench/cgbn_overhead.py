@@ -45,8 +45,11 @@ def main() -> None:
         images, targets = collate([dataset[i] for i in range(start, start + args.images)])
 
     group = dist.own_group([list(range(ctx.world_size))])
+    alone = dist.own_group([[rank] for rank in range(ctx.world_size)])
     variants = {
         "bn": norm_layer("bn"),
+        # CGBN's arithmetic without its collective: each process is its own BN group.
+        "cgbn_no_sync": norm_layer("cgbn", alone),
         "cgbn": norm_layer("cgbn", group),
         "cgbn_two_pass": lambda c: CrossGPUBatchNorm2d(c, process_group=group, two_pass=True),
     }

@@ -1,10 +1,11 @@
-"""The ``megdet`` command: data, plan, train, eval.
+"""The ``megdet`` command: data, plan, train, eval, report.
 
     megdet data shapes --out data/shapes --train 2000 --val 200
     megdet plan --config default train.batch_size=64 --nproc 4
     megdet train --config default --nproc 2 --out runs/demo
     torchrun --nproc-per-node 2 -m megdet train --config default --out runs/demo
     megdet eval --run runs/demo --nproc 2
+    megdet report runs/bs16 runs/bs64 --epochs 1,4,7
 
 ``--nproc N`` starts N local processes through ``torch.distributed.run``; under torchrun (or
 any launcher that sets RANK/WORLD_SIZE) the command runs as one worker of that group.
@@ -27,7 +28,7 @@ from megdet.logs import setup_logging
 log = logging.getLogger("megdet.cli")
 
 # What a run writes; --overwrite removes exactly these, never anything else in the folder.
-RUN_OUTPUTS = ("config.yaml", "plan.json", "metrics.jsonl", "checkpoints", "eval")
+RUN_OUTPUTS = ("config.yaml", "plan.json", "metrics.jsonl", "checkpoints", "eval", "report")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +90,28 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--weights", type=Path, help="checkpoint file (with --config)")
     evaluate.add_argument("--out", type=Path, help="where to write results (default RUN/eval)")
     evaluate.set_defaults(handler=_cmd_eval)
+
+    report = commands.add_parser("report", help="plots and MegDet Table 1 from finished runs")
+    report.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders")
+    report.add_argument("--out", type=Path, help="output folder (default FIRST_RUN/report)")
+    report.add_argument("--epochs", metavar="E,F,...", help="Table 1 columns (default 3 epochs)")
+    report.set_defaults(handler=_cmd_report)
     return parser
+
+
+def _cmd_report(args) -> int:
+    from megdet.report import write_report
+
+    epochs = None
+    if args.epochs:
+        try:
+            epochs = [int(e) for e in args.epochs.split(",")]
+        except ValueError:
+            raise MegdetError(f"--epochs: expected epochs like 1,4,7, got {args.epochs}") from None
+    out = args.out or args.runs[0] / "report"
+    for path in write_report(args.runs, out, epochs):
+        print(path)
+    return 0
 
 
 def _cmd_shapes(args) -> int:

@@ -79,6 +79,7 @@ class TrainConfig:
     epochs: float | None = None  # null: the end of solver.policy
     seed: int = 0
     checkpoint_period: int = 0  # iterations; 0: only at the end
+    eval_period: int = 1  # epochs between evaluations (per-epoch mmAP curves); 0: at the end
     max_iter: int | None = None  # cut the run short (smoke tests); the schedule is unchanged
 
 
@@ -99,6 +100,8 @@ class SolverConfig:
     policy: str = "step"
     steps: list[float] = field(default_factory=lambda: [8.0, 10.0])  # epochs, policy "step"
     gamma: float = 0.1
+    # Policy "step" only: one factor per entry of steps (e.g. [0.1, 0.1, 0.5]); null: gamma.
+    factors: list[float] | None = None
 
 
 @dataclass
@@ -109,7 +112,6 @@ class LogConfig:
 
 @dataclass
 class EvalConfig:
-    period: int = 0  # epochs between evaluations; 0: only at the end
     images_per_device: int = 8
 
 
@@ -175,6 +177,18 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be > 0, got {value}")
+    for key, value in {
+        "train.eval_period": cfg.train.eval_period,
+        "train.checkpoint_period": cfg.train.checkpoint_period,
+    }.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    factors = cfg.solver.factors
+    if factors is not None and len(factors) != len(cfg.solver.steps):
+        raise ConfigError(
+            f"solver.factors: {len(factors)} factor(s) for {len(cfg.solver.steps)} "
+            "solver.steps; give one per step, or leave it null to use solver.gamma"
+        )
     if cfg.model.bn_size is not None and cfg.model.bn_size <= 0:
         raise ConfigError(f"model.bn_size: must be > 0, got {cfg.model.bn_size}")
     if cfg.train.epochs is not None and cfg.train.epochs <= 0:

@@ -110,7 +110,8 @@ def make_plan(cfg: Config, world_size: int, num_train_images: int) -> Plan:
     lr = solver.base_lr * batch / solver.base_batch  # linear scaling rule
     iters_per_epoch = -(-num_train_images // batch)
     if solver.policy == "step":
-        steps, end = [(epoch, solver.gamma) for epoch in solver.steps], cfg.train.epochs
+        factors = solver.factors or [solver.gamma] * len(solver.steps)
+        steps, end = list(zip(solver.steps, factors, strict=True)), cfg.train.epochs
     else:
         steps, end = POLICIES[solver.policy]
         if cfg.train.epochs is not None and cfg.train.epochs != end:

@@ -42,6 +42,8 @@ def test_instant_train_then_eval_through_the_cli(tmp_path):
         assert record["rpn_pos"] + record["rpn_neg"] == pytest.approx(256)
         assert record["roi_pos"] + record["roi_neg"] == pytest.approx(64)
         assert 0 < record["roi_pos"] <= 32 and 0 < record["rpn_pos"] <= 128
+        assert record["roi_pos_per_batch"] == pytest.approx(8 * record["roi_pos"])
+        assert record["rpn_pos_neg_ratio"] == pytest.approx(record["rpn_pos"] / record["rpn_neg"])
     final = records[-1]["eval"]
     # Overfitting 16 images: the instant preset's expected band.
     assert final["AP50"] > 0.5, final
@@ -54,6 +56,12 @@ def test_instant_train_then_eval_through_the_cli(tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     again = json.loads((tmp_path / "eval2" / "metrics.json").read_text())
     assert again == pytest.approx(final)
+
+    reported = megdet("report", run)
+    assert reported.returncode == 0, reported.stderr[-3000:]
+    names = {"loss_lr.png", "mmap_per_epoch.png", "pos_neg_ratio.png", "table1.md"}
+    assert {p.name for p in (run / "report").iterdir()} == names
+    assert "| rpn |" in (run / "report" / "table1.md").read_text()
 
     refused = megdet("train", "--config", "instant_test", "--out", run, *instant_overrides(data))
     assert refused.returncode == 2

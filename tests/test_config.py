@@ -62,6 +62,8 @@ def test_overrides_are_parsed_and_typed():
         ("train.batch_size=0", "train.batch_size: must be > 0"),
         ("model.anchor_sizes=[8,16]", "model.anchor_sizes: needs 5 sizes"),
         ("train.batch_size", "expected key=value"),
+        ("solver.factors=[0.1,0.1]", "solver.factors: 2 factor(s) for 1 solver.steps"),
+        ("train.eval_period=-1", "train.eval_period: must be >= 0"),
     ],
 )
 def test_bad_values_are_one_line_errors(override, message):

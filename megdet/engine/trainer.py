@@ -73,7 +73,7 @@ def train(cfg: Config, task: DetectionTask, run_dir: Path, ctx: dist.DistContext
     events = EventWriter(
         run_dir, plan.max_iter, tensorboard=cfg.log.tensorboard, enabled=ctx.is_main
     )
-    eval_every = cfg.eval.period * plan.iters_per_epoch
+    eval_every = cfg.train.eval_period * plan.iters_per_epoch
     model.train()
     for iteration, batch in enumerate(loader):
         lr = lr_at(plan, iteration)
@@ -91,6 +91,7 @@ def train(cfg: Config, task: DetectionTask, run_dir: Path, ctx: dist.DistContext
         if done % cfg.log.period == 0 or done == plan.max_iter:
             # One collective and one host sync per logged iteration, not per loss term.
             values = dist.reduce_mean_dict({**losses, "loss": loss, **task.step_statistics(model)})
+            values.update(task.batch_statistics(values, plan.global_batch))
             events.training(iteration, done / plan.iters_per_epoch, lr, values)
         if done == plan.max_iter:
             break

@@ -32,119 +32,140 @@ class _CrossGPUBatchNormFunction(torch.autograd.Function):
         ctx, x, weight, bias, running_mean, running_var, eps, factor, group, chunk, two_pass
     ):
         """``factor``: running-statistics update weight, or None for no update."""
-        dtype = _compute_dtype(x)
-        n, c, hw = x.shape[0], x.shape[1], x.shape[2:].numel()
-        xc = x.to(dtype).reshape(n, c, hw)
-        if chunk:  # BN groups inside this process: (n/chunk) groups of chunk images
-            xg = _group_view(xc, n // chunk, chunk)
-            var, mean = torch.var_mean(xg, dim=-1, unbiased=False)
-            group_mean, group_var = mean.to(torch.float64), var.to(torch.float64)
-            total = torch.full((n // chunk,), float(xg.shape[-1]), dtype=torch.float64)
-        elif two_pass:  # the paper's variant: all-reduce the mean, then the variance
-            sums = torch.cat([xc.new_tensor([float(n * hw)]), xc.sum(dim=(0, 2))])
-            sums = dist.all_reduce_sum(sums.to(torch.float64), group)
-            total = sums[:1]
-            group_mean = sums[1:] / total.clamp(min=1)
-            m2 = (xc - group_mean.to(dtype)[None, :, None]).square().sum(dim=(0, 2))
-            m2 = dist.all_reduce_sum(m2.to(torch.float64), group)
-            group_mean, group_var = group_mean[None], (m2 / total.clamp(min=1))[None]
+        xc = x.to(_compute_dtype(x))
+        if chunk:
+            group_mean, group_var, total = _chunk_statistics(xc, chunk)
+        elif two_pass:
+            group_mean, group_var, total = _two_pass_statistics(xc, group)
         else:
-            local = xc.shape[0] * xc.shape[2]
-            if local:
-                mean_l = xc.mean(dim=(0, 2))
-                m2_l = (xc - mean_l[None, :, None]).square().sum(dim=(0, 2))
-            else:
-                mean_l = m2_l = xc.new_zeros(c)
-            stats = torch.cat([xc.new_tensor([float(local)]), mean_l, m2_l]).to(torch.float64)
-            gathered = dist.all_gather_tensor(stats, group)  # (group size, 2c + 1)
-            counts, means, m2s = gathered[:, :1], gathered[:, 1 : c + 1], gathered[:, c + 1 :]
-            total = counts.sum()
-            safe_total = total.clamp(min=1)
-            group_mean = (counts * means).sum(0) / safe_total
-            m2 = m2s.sum(0) + (counts * (means - group_mean).square()).sum(0)
-            group_var = m2 / safe_total
-            group_mean, group_var, total = group_mean[None], group_var[None], total.reshape(1)
+            group_mean, group_var, total = _group_statistics(xc, group)
+        if factor is not None:
+            _update_running(running_mean, running_var, group_mean, group_var, total, factor)
 
-        if factor is not None:  # running statistics: mean over BN groups with elements
-            valid = total > 0
-            if valid.any():
-                unbiased = group_var * (total / (total - 1).clamp(min=1))[:, None]
-                new_mean = group_mean[valid].mean(0)
-                new_var = unbiased[valid].mean(0)
-                running_mean.mul_(1 - factor).add_(new_mean.to(running_mean.dtype), alpha=factor)
-                running_var.mul_(1 - factor).add_(new_var.to(running_var.dtype), alpha=factor)
-
-        invstd = torch.rsqrt(group_var + eps).to(dtype)  # (groups, c)
-        mean_d = group_mean.to(dtype)
-        # Normalize the 4D input itself: the output must be a new tensor, not a view, so that
-        # an in-place ReLU after it is allowed.
-        per_image = (n, c) + (1,) * (x.dim() - 2)
-        y = (x.to(dtype) - _per_image(mean_d, n, chunk).reshape(per_image)) * _per_image(
-            invstd, n, chunk
-        ).reshape(per_image)
-        if weight is not None:
-            affine = (1, c) + (1,) * (x.dim() - 2)
-            y = y * weight.to(dtype).view(affine) + bias.to(dtype).view(affine)
-        ctx.save_for_backward(x, weight, mean_d, invstd, total.to(dtype))
-        ctx.group, ctx.chunk = group, chunk
+        invstd = torch.rsqrt(group_var + eps).to(xc.dtype)  # (groups, c)
+        mean = group_mean.to(xc.dtype)
+        if chunk:
+            y = (
+                _per_image(mean, chunk, x.dim())
+                .neg()
+                .add(xc)
+                .mul_(_per_image(invstd, chunk, x.dim()))
+            )
+            if weight is not None:
+                affine = (1, -1) + (1,) * (x.dim() - 2)
+                y = y.mul_(weight.to(y.dtype).view(affine)).add_(bias.to(y.dtype).view(affine))
+        else:  # one group: ATen's fused normalization with the group's statistics
+            w = None if weight is None else weight.to(xc.dtype)
+            b = None if bias is None else bias.to(xc.dtype)
+            var = group_var[0].to(xc.dtype)
+            y = nn.functional.batch_norm(xc, mean[0], var, w, b, False, 0.0, eps)
+        # A new tensor, never a view of the input: an in-place ReLU may follow.
+        ctx.save_for_backward(x, weight, mean, invstd, total.to(xc.dtype))
+        ctx.group, ctx.chunk, ctx.eps = group, chunk, eps
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, mean, invstd, total = ctx.saved_tensors
-        dtype = _compute_dtype(x)
-        n, c, hw = x.shape[0], x.shape[1], x.shape[2:].numel()
-        chunk = ctx.chunk
-        xhat = _normalize(x.to(dtype).reshape(n, c, hw), mean, invstd, chunk)
-        dyc = dy.to(dtype).reshape(n, c, hw)
+        xc, dyc = x.to(_compute_dtype(x)), dy.to(_compute_dtype(x))
+        chunk, dims = ctx.chunk, x.dim()
+        xhat = _per_image(mean, chunk, dims).neg().add(xc).mul_(_per_image(invstd, chunk, dims))
+        dy_xhat = dyc * xhat
         if chunk:
-            groups = n // chunk
-            dy_g = _group_view(dyc, groups, chunk)
-            xhat_g = _group_view(xhat, groups, chunk)
-            sum_dy = dy_g.sum(-1)  # (groups, c)
-            sum_dy_xhat = (dy_g * xhat_g).sum(-1)
+            sum_dy, sum_dy_xhat = _group_sum(dyc, chunk), _group_sum(dy_xhat, chunk)  # (groups, c)
             local_dy, local_dy_xhat = sum_dy.sum(0), sum_dy_xhat.sum(0)
         else:
-            local_dy = dyc.sum(dim=(0, 2))
-            local_dy_xhat = (dyc * xhat).sum(dim=(0, 2))
+            reduce_dims = [0] + list(range(2, dims))
+            local_dy, local_dy_xhat = dyc.sum(reduce_dims), dy_xhat.sum(reduce_dims)
             # An all-gather and a local sum in rank order: the same on every rank, and on gloo
             # one all-gather is 2x faster than one all-reduce (BENCHMARKS.md).
             local = torch.cat([local_dy, local_dy_xhat]).to(torch.float64)
-            reduced = dist.all_gather_tensor(local, ctx.group).sum(0).to(dtype)
+            reduced = dist.all_gather_tensor(local, ctx.group).sum(0).to(xc.dtype)
+            c = xc.shape[1]
             sum_dy, sum_dy_xhat = reduced[None, :c], reduced[None, c:]
-        scale = invstd if weight is None else invstd * weight.to(dtype)[None]
+        scale = invstd if weight is None else invstd * weight.to(xc.dtype)[None]
         mean_dy = sum_dy / total.clamp(min=1)[:, None]
         mean_dy_xhat = sum_dy_xhat / total.clamp(min=1)[:, None]
-        dx = _expand_groups(dyc, scale, mean_dy, mean_dy_xhat, xhat, chunk)
+        # dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat)), per group and channel; the
+        # buffer of dy * x_hat is reused.
+        dx = torch.mul(xhat, _per_image(mean_dy_xhat, chunk, dims), out=dy_xhat)
+        dx = torch.sub(dyc, _per_image(mean_dy, chunk, dims)).sub_(dx)
+        dx.mul_(_per_image(scale, chunk, dims))
         dweight = dbias = None
         if weight is not None:
             dweight = local_dy_xhat.to(weight.dtype)
             dbias = local_dy.to(weight.dtype)
-        return (dx.reshape(x.shape).to(x.dtype), dweight, dbias) + (None,) * 7
+        return (dx.to(x.dtype), dweight, dbias) + (None,) * 7
 
 
-def _group_view(t: torch.Tensor, groups: int, chunk: int) -> torch.Tensor:
-    """(n, c, hw) -> (groups, c, chunk * hw), each row one BN group."""
-    n, c, hw = t.shape
-    return t.reshape(groups, chunk, c, hw).transpose(1, 2).reshape(groups, c, chunk * hw)
+def _group_statistics(xc: torch.Tensor, group):
+    """Mean and biased variance over every element of the processes in ``group``.
+
+    Each process sends ``[count, mean, M2]`` (float64) in one all-gather; the means and M2s are
+    combined with Chan et al.'s formula, which keeps a small variance next to a large mean.
+    """
+    c = xc.shape[1]
+    dims = [0] + list(range(2, xc.dim()))
+    local = xc.numel() // c if c else 0
+    if local:
+        mean_l = xc.mean(dims)
+        m2_l = (xc - mean_l.view((1, c) + (1,) * (xc.dim() - 2))).square_().sum(dims)
+    else:
+        mean_l = m2_l = xc.new_zeros(c)
+    stats = torch.cat([xc.new_tensor([float(local)]), mean_l, m2_l]).to(torch.float64)
+    gathered = dist.all_gather_tensor(stats, group)  # (group size, 2c + 1)
+    counts, means, m2s = gathered[:, :1], gathered[:, 1 : c + 1], gathered[:, c + 1 :]
+    total = counts.sum()
+    safe_total = total.clamp(min=1)
+    group_mean = (counts * means).sum(0) / safe_total
+    m2 = m2s.sum(0) + (counts * (means - group_mean).square()).sum(0)
+    return group_mean[None], (m2 / safe_total)[None], total.reshape(1)
 
 
-def _per_image(stat: torch.Tensor, n: int, chunk: int | None) -> torch.Tensor:
-    """Per-group (groups, c) statistics repeated to (n, c, 1), one row per image."""
-    stat = stat.repeat_interleave(chunk, dim=0) if chunk else stat.expand(n, -1)
-    return stat[:, :, None]
+def _two_pass_statistics(xc: torch.Tensor, group):
+    """The paper's variant: all-reduce the sums for the mean, then the centred squares."""
+    c = xc.shape[1]
+    dims = [0] + list(range(2, xc.dim()))
+    sums = torch.cat([xc.new_tensor([float(xc.numel() // c)]), xc.sum(dims)])
+    sums = dist.all_reduce_sum(sums.to(torch.float64), group)
+    total = sums[:1]
+    group_mean = sums[1:] / total.clamp(min=1)
+    centred = xc - group_mean.to(xc.dtype).view((1, c) + (1,) * (xc.dim() - 2))
+    m2 = dist.all_reduce_sum(centred.square_().sum(dims).to(torch.float64), group)
+    return group_mean[None], (m2 / total.clamp(min=1))[None], total
 
 
-def _normalize(xc, mean, invstd, chunk):
-    n = xc.shape[0]
-    return (xc - _per_image(mean, n, chunk)) * _per_image(invstd, n, chunk)
+def _chunk_statistics(xc: torch.Tensor, chunk: int):
+    """BN groups inside this process: consecutive chunks of ``chunk`` images."""
+    n, c = xc.shape[:2]
+    groups = xc.reshape(n // chunk, chunk, c, -1).transpose(1, 2).reshape(n // chunk, c, -1)
+    var, mean = torch.var_mean(groups, dim=-1, unbiased=False)
+    total = torch.full((n // chunk,), float(groups.shape[-1]), dtype=torch.float64)
+    return mean.to(torch.float64), var.to(torch.float64), total
 
 
-def _expand_groups(dyc, scale, mean_dy, mean_dy_xhat, xhat, chunk):
-    n = dyc.shape[0]
-    return _per_image(scale, n, chunk) * (
-        dyc - _per_image(mean_dy, n, chunk) - xhat * _per_image(mean_dy_xhat, n, chunk)
-    )
+def _update_running(running_mean, running_var, group_mean, group_var, total, factor) -> None:
+    """Running statistics: the mean over BN groups that had elements; none, no update."""
+    valid = total > 0
+    if valid.any():
+        unbiased = group_var * (total / (total - 1).clamp(min=1))[:, None]
+        new_mean = group_mean[valid].mean(0)
+        new_var = unbiased[valid].mean(0)
+        running_mean.mul_(1 - factor).add_(new_mean.to(running_mean.dtype), alpha=factor)
+        running_var.mul_(1 - factor).add_(new_var.to(running_var.dtype), alpha=factor)
+
+
+def _group_sum(t: torch.Tensor, chunk: int) -> torch.Tensor:
+    """(n, c, ...) summed per BN group of ``chunk`` consecutive images: (n / chunk, c)."""
+    n, c = t.shape[:2]
+    return t.reshape(n // chunk, chunk, c, -1).sum(dim=(1, 3))
+
+
+def _per_image(stat: torch.Tensor, chunk: int | None, dims: int) -> torch.Tensor:
+    """Per-group (groups, c) statistics shaped to broadcast over (n, c, H, W)."""
+    if chunk:
+        stat = stat.repeat_interleave(chunk, dim=0)
+    return stat.reshape(stat.shape + (1,) * (dims - 2))
 
 
 class CrossGPUBatchNorm2d(nn.modules.batchnorm._BatchNorm):

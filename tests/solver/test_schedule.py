@@ -43,6 +43,12 @@ def test_warmup_variants_and_policies():
     assert long.max_iter == 180
     assert [m for m, _ in long.milestones] == [110, 140, 170]
     assert lr_at(long, 179) == pytest.approx(0.02 * 0.1 * 0.1 * 0.5)
+    # The long policy written out as an explicit step policy gives the same schedule.
+    explicit = _plan(
+        ["solver.policy=step", "train.epochs=18", "solver.steps=[11,14,17]",
+         "solver.factors=[0.1,0.1,0.5]", "solver.warmup=none"], images=160,
+    )  # fmt: skip
+    assert explicit.milestones == long.milestones and explicit.max_iter == long.max_iter
     with pytest.raises(ConfigError, match="conflicts with solver.policy=normal"):
         _plan(["train.epochs=12"])
     with pytest.raises(ConfigError, match="cannot be split evenly over 3"):

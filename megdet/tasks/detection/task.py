@@ -68,6 +68,19 @@ class DetectionTask:
             stats[f"{name}_neg"] = torch.tensor(neg / max(1, images))
         return stats
 
+    @staticmethod
+    def batch_statistics(per_image: dict[str, float], global_batch: int) -> dict[str, float]:
+        """Table 1 per global batch and as ratios, from the per-image means of all processes
+        (every process holds the same number of images, so their mean is the batch's)."""
+        stats = {}
+        for name in ("rpn", "roi"):
+            pos, neg = per_image[f"{name}_pos"], per_image[f"{name}_neg"]
+            stats[f"{name}_pos_per_batch"] = pos * global_batch
+            stats[f"{name}_neg_per_batch"] = neg * global_batch
+            if neg > 0:  # no negatives sampled: no ratio, rather than a NaN in the logs
+                stats[f"{name}_pos_neg_ratio"] = pos / neg
+        return stats
+
     def train_dataset(self) -> CocoDetection:
         cfg = self.cfg
         return CocoDetection(

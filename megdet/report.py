@@ -1,0 +1,178 @@
+"""``megdet report``: plots and MegDet's Table 1 from the ``metrics.jsonl`` of finished runs.
+
+Reads only what training wrote (``metrics.jsonl``, ``plan.json``), so a report can be made on
+any machine from copied run folders, and several runs (e.g. batch 16, 64, 256) share one axis.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from megdet.errors import MegdetError
+
+# MegDet Table 1's quantities: sampled positives and negatives per image, RPN and RoI heads.
+SAMPLERS = ("rpn", "roi")
+TITLES = {"rpn": "RPN samples", "roi": "RoI head samples"}
+
+
+@dataclass
+class RunLog:
+    name: str
+    global_batch: int
+    train: list[dict]  # one record per logged iteration
+    evals: list[dict]  # {"iter", "epoch", "eval": {"mmAP": ...}}
+
+
+def read_run(run_dir: Path) -> RunLog:
+    """One run folder's logged metrics; a one-line error when it is not a megdet run."""
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise MegdetError(f"{metrics}: not found; pass a folder written by `megdet train`")
+    train, evals = [], []
+    lines = metrics.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            # A run killed mid-write leaves a partial last line; anything else is corruption.
+            if number == len(lines):
+                continue
+            raise MegdetError(f"{metrics}:{number}: not a JSON line") from None
+        (evals if "eval" in record else train).append(record)
+    global_batch = 0
+    plan_file = run_dir / "plan.json"
+    if plan_file.is_file():
+        global_batch = int(json.loads(plan_file.read_text()).get("global_batch", 0))
+    name = run_dir.resolve().name + (f" (batch {global_batch})" if global_batch else "")
+    return RunLog(name, global_batch, train, evals)
+
+
+def per_epoch(records: list[dict], key: str) -> dict[int, float]:
+    """Mean of ``key`` over the records of each epoch; epoch e holds (e - 1, e]."""
+    sums: dict[int, list[float]] = {}
+    for record in records:
+        if key in record:
+            epoch = max(1, math.ceil(record["epoch"] - 1e-9))
+            sums.setdefault(epoch, []).append(record[key])
+    return {epoch: sum(values) / len(values) for epoch, values in sorted(sums.items())}
+
+
+def sampling_ratios(records: list[dict]) -> dict[str, dict[int, float]]:
+    """Positives over negatives per epoch, for the RPN and the RoI heads (Table 1)."""
+    ratios = {}
+    for sampler in SAMPLERS:
+        pos = per_epoch(records, f"{sampler}_pos")
+        neg = per_epoch(records, f"{sampler}_neg")
+        ratios[sampler] = {e: pos[e] / neg[e] for e in pos if neg.get(e)}
+    return ratios
+
+
+def table1(runs: list[RunLog], epochs: list[int] | None = None) -> str:
+    """Markdown like MegDet Table 1: positive/negative ratio per batch size at chosen epochs."""
+    all_epochs = sorted({e for run in runs for e in per_epoch(run.train, "rpn_pos")})
+    if not all_epochs:
+        return "No sampling statistics (`rpn_pos`, `roi_pos`) in these runs.\n"
+    if not epochs:
+        epochs = sorted({all_epochs[0], all_epochs[len(all_epochs) // 2], all_epochs[-1]})
+    lines = [
+        "| run | global batch | sampler | "
+        + " | ".join(f"epoch {e}: pos/neg (pos, neg per batch)" for e in epochs)
+        + " |",
+        "|---|---|---|" + "---|" * len(epochs),
+    ]
+    for run in runs:
+        ratios = sampling_ratios(run.train)
+        for sampler in SAMPLERS:
+            pos = per_epoch(run.train, f"{sampler}_pos")
+            neg = per_epoch(run.train, f"{sampler}_neg")
+            cells = []
+            for e in epochs:
+                if e in ratios[sampler]:
+                    batch = run.global_batch or 1
+                    cells.append(
+                        f"{ratios[sampler][e]:.3f} ({pos[e] * batch:.0f}, {neg[e] * batch:.0f})"
+                    )
+                else:
+                    cells.append("-")
+            lines.append(f"| {run.name} | {run.global_batch} | {sampler} | {' | '.join(cells)} |")
+    note = (
+        "\npos/neg: sampled positives over negatives, mean over the logged iterations of the "
+        "epoch; in brackets the counts per global batch (per image x global batch).\n"
+    )
+    return "\n".join(lines) + "\n" + note
+
+
+def write_report(run_dirs: list[Path], out_dir: Path, epochs: list[int] | None = None):
+    """Write the PNGs and ``table1.md`` to ``out_dir``; return the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on CI or servers
+    import matplotlib.pyplot as plt
+
+    runs = [read_run(d) for d in run_dirs]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    for run in runs:
+        iters = [r["iter"] for r in run.train]
+        ax_loss.plot(iters, [r["loss"] for r in run.train], label=run.name)
+        ax_lr.plot(iters, [r["lr"] for r in run.train], label=run.name)
+    ax_loss.set(ylabel="training loss", title="Loss and learning rate per iteration")
+    ax_lr.set(xlabel="iteration", ylabel="learning rate")
+    ax_loss.legend()
+    written.append(_save(fig, out_dir / "loss_lr.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run in runs:
+        points = [(r["epoch"], 100 * r["eval"]["mmAP"]) for r in run.evals if "mmAP" in r["eval"]]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", label=run.name)
+    ax.set(xlabel="epoch", ylabel="mmAP (%)", title="Validation mmAP per epoch (MegDet Fig. 4)")
+    if any(run.evals for run in runs):
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no evaluations logged", ha="center", transform=ax.transAxes)
+    written.append(_save(fig, out_dir / "mmap_per_epoch.png"))
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, sampler in zip(axes, SAMPLERS, strict=True):
+        for run in runs:
+            ratios = sampling_ratios(run.train)[sampler]
+            if ratios:
+                ax.plot(list(ratios), list(ratios.values()), marker="o", label=run.name)
+        ax.set(xlabel="epoch", ylabel="positives / negatives", title=TITLES[sampler])
+        ax.legend()
+    written.append(_save(fig, out_dir / "pos_neg_ratio.png"))
+
+    table = out_dir / "table1.md"
+    _atomic_write(
+        table, "# Positive and negative samples (MegDet Table 1)\n\n" + table1(runs, epochs)
+    )
+    written.append(table)
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

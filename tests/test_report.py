@@ -1,0 +1,68 @@
+"""`megdet report` from hand-written run folders: the numbers in Table 1 and the plots."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from megdet.errors import MegdetError
+from megdet.report import per_epoch, read_run, sampling_ratios, table1, write_report
+
+
+def _fake_run(path, global_batch, iters_per_epoch=4, epochs=3, pos=2.0):
+    """Logged every iteration; positives per image grow by one each epoch, negatives stay 8."""
+    path.mkdir()
+    (path / "plan.json").write_text(json.dumps({"global_batch": global_batch}))
+    lines = []
+    for it in range(1, epochs * iters_per_epoch + 1):
+        epoch = it / iters_per_epoch
+        e = -(-it // iters_per_epoch)  # the epoch this iteration belongs to, 1-based
+        lines.append(json.dumps({
+            "iter": it, "epoch": epoch, "lr": 0.01 * it, "loss": 2.0 / it,
+            "rpn_pos": pos + e - 1, "rpn_neg": 8.0, "roi_pos": pos + e - 1, "roi_neg": 8.0,
+        }))  # fmt: skip
+        if it % iters_per_epoch == 0:
+            lines.append(json.dumps({"iter": it, "epoch": epoch, "eval": {"mmAP": 0.1 * e}}))
+    (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_per_epoch_means_and_ratios(tmp_path):
+    run = read_run(_fake_run(tmp_path / "a", 16))
+    assert run.global_batch == 16 and len(run.train) == 12 and len(run.evals) == 3
+    assert per_epoch(run.train, "rpn_pos") == {1: 2.0, 2: 3.0, 3: 4.0}
+    assert sampling_ratios(run.train)["roi"] == {1: 0.25, 2: 0.375, 3: 0.5}
+
+
+def test_table1_rows_per_run_and_sampler(tmp_path):
+    runs = [read_run(_fake_run(tmp_path / "b16", 16)), read_run(_fake_run(tmp_path / "b64", 64))]
+    table = table1(runs, epochs=[1, 3])
+    rows = [line for line in table.splitlines() if line.startswith("| b")]
+    assert len(rows) == 4  # 2 runs x (rpn, roi)
+    # epoch 1: 2 positives and 8 negatives per image -> 0.25; per batch of 64: 128 and 512
+    assert "| b64 (batch 64) | 64 | rpn | 0.250 (128, 512) | 0.500 (256, 512) |" in rows
+
+
+def test_write_report_makes_readable_pngs_and_the_table(tmp_path):
+    runs = [_fake_run(tmp_path / "b16", 16), _fake_run(tmp_path / "b64", 64, pos=3.0)]
+    written = write_report(runs, tmp_path / "out")
+    assert {p.name for p in written} == {
+        "loss_lr.png", "mmap_per_epoch.png", "pos_neg_ratio.png", "table1.md"
+    }  # fmt: skip
+    for path in written:
+        if path.suffix == ".png":
+            with Image.open(path) as image:
+                assert image.width > 400 and image.height > 300
+    assert not list((tmp_path / "out").glob("*.tmp*"))
+
+
+def test_a_truncated_last_line_is_skipped_but_corruption_is_an_error(tmp_path):
+    run = _fake_run(tmp_path / "r", 16)
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"iter": 13, "epo')
+    assert len(read_run(run).train) == 12
+    metrics.write_text('{"iter": 1, "epo\n' + metrics.read_text())
+    with pytest.raises(MegdetError, match="metrics.jsonl:1: not a JSON line"):
+        read_run(run)
+    with pytest.raises(MegdetError, match="not found; pass a folder written by `megdet train`"):
+        read_run(tmp_path / "nothing")
