@@ -43,6 +43,8 @@ class DataConfig:
     val: SplitConfig = field(default_factory=SplitConfig)
     num_workers: int = 1
     hflip: bool = True
+    # Global batches of only landscape or only portrait images (less padding); all ranks agree.
+    aspect_ratio_grouping: bool = True
 
 
 @dataclass

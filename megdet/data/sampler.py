@@ -8,6 +8,8 @@ global batches, and a run can resume at any iteration without replaying the load
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch.utils.data import Sampler
@@ -31,6 +33,13 @@ class GlobalShuffleSampler(Sampler[list[tuple[int, int]]]):
     An epoch is ``ceil(num_images / global_batch)`` iterations; its last batch is filled up
     from the start of the same permutation, so every iteration has exactly ``global_batch``
     images (the learning rate was scaled for that many).
+
+    ``group_ids`` (e.g. 0 for landscape, 1 for portrait images) turns on aspect-ratio grouping:
+    walking the epoch's permutation, images fill one bucket per group and a full bucket becomes
+    the next global batch, so a batch pads little. The decision is made on the whole global
+    batch from the shared permutation, so all ranks agree and the order stays the same for any
+    number of processes. What the buckets hold at the end of the epoch is batched in
+    permutation order (mixed groups), filled up from the start of the permutation.
     """
 
     def __init__(
@@ -42,6 +51,7 @@ class GlobalShuffleSampler(Sampler[list[tuple[int, int]]]):
         seed: int,
         max_iter: int,
         start_iter: int = 0,
+        group_ids: Sequence[int] | None = None,
     ) -> None:
         if num_images <= 0:
             raise ValueError("the training set is empty")
@@ -55,6 +65,9 @@ class GlobalShuffleSampler(Sampler[list[tuple[int, int]]]):
         self.max_iter = max_iter
         self.start_iter = start_iter
         self.iters_per_epoch = -(-num_images // global_batch)
+        if group_ids is not None and len(group_ids) != num_images:
+            raise ValueError(f"{len(group_ids)} group ids for {num_images} images")
+        self.group_ids = None if group_ids is None else torch.as_tensor(group_ids)
 
     def __len__(self) -> int:
         return max(0, self.max_iter - self.start_iter)
@@ -63,7 +76,23 @@ class GlobalShuffleSampler(Sampler[list[tuple[int, int]]]):
         """The epoch's permutation, repeated to fill its last global batch."""
         perm = epoch_permutation(self.num_images, self.seed, epoch)
         length = self.iters_per_epoch * self.global_batch
+        if self.group_ids is not None:
+            perm = self._grouped(perm)
         return perm.repeat(-(-length // self.num_images))[:length]
+
+    def _grouped(self, perm: torch.Tensor) -> torch.Tensor:
+        """``perm`` reordered into full single-group global batches, leftovers last."""
+        batches: list[list[int]] = []
+        buckets: dict[int, list[int]] = {}
+        for index in perm.tolist():
+            bucket = buckets.setdefault(int(self.group_ids[index]), [])
+            bucket.append(index)
+            if len(bucket) == self.global_batch:
+                batches.append(bucket.copy())
+                bucket.clear()
+        grouped = {i for batch in batches for i in batch}
+        leftovers = [i for i in perm.tolist() if i not in grouped]
+        return torch.tensor([i for batch in batches for i in batch] + leftovers)
 
     def global_batch_at(self, iteration: int) -> tuple[int, list[int]]:
         """The epoch and the image indices of global batch ``iteration``, all ranks included."""

@@ -62,6 +62,7 @@ def train(cfg: Config, task: DetectionTask, run_dir: Path, ctx: dist.DistContext
         ctx.world_size,
         cfg.train.seed,
         max_iter=plan.max_iter,
+        group_ids=task.train_group_ids(),
     )
     loader = torch.utils.data.DataLoader(
         task.train_dataset(),

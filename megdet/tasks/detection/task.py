@@ -34,6 +34,12 @@ class DetectionTask:
     def num_train_images(self) -> int:
         return len(self.train_index.images)
 
+    def train_group_ids(self) -> list[int] | None:
+        """Aspect-ratio groups of the training images (0 landscape or square, 1 portrait)."""
+        if not self.cfg.data.aspect_ratio_grouping:
+            return None
+        return [int(im["height"] > im["width"]) for im in self.train_index.images]
+
     def build_model(self, split: str = "train", norm=None) -> nn.Module:
         """The detector, with as many classes as ``split``'s annotation file has categories;
         ``norm`` overrides the normalization constructor (CGBN with its process group)."""
