@@ -25,6 +25,7 @@ BACKBONES = ("tiny", "resnet18", "resnet50")
 NORMS = ("frozen", "bn", "gn", "cgbn")
 NORM_SCOPES = ("backbone", "backbone+fpn", "all")
 POLICIES = ("step", "normal", "long")
+CHECKPOINTING = ("none", "stages", "blocks", "fpn", "stages+fpn", "blocks+fpn")
 WARMUPS = ("linear", "constant", "none")
 
 
@@ -81,6 +82,8 @@ class TrainConfig:
     epochs: float | None = None  # null: the end of solver.policy
     seed: int = 0
     checkpoint_period: int = 0  # iterations; 0: only at the end
+    # Activation checkpointing (sub-linear memory): none, stages, blocks, fpn, stages+fpn, ...
+    checkpointing: str = "none"
     eval_period: int = 1  # epochs between evaluations (per-epoch mmAP curves); 0: at the end
     max_iter: int | None = None  # cut the run short (smoke tests); the schedule is unchanged
 
@@ -163,6 +166,7 @@ def validate(cfg: Config) -> None:
         "model.norm_scope": (cfg.model.norm_scope, NORM_SCOPES),
         "solver.policy": (cfg.solver.policy, POLICIES),
         "solver.warmup": (cfg.solver.warmup, WARMUPS),
+        "train.checkpointing": (cfg.train.checkpointing, CHECKPOINTING),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

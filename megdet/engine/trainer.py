@@ -50,6 +50,11 @@ def train(cfg: Config, task: DetectionTask, run_dir: Path, ctx: dist.DistContext
     if plan.bn_groups is not None:
         group = dist.own_group(plan.bn_groups.groups(ctx.world_size))
         norm = norm_layer(cfg.model.norm, group, plan.bn_groups.local_group_size)
+    elif cfg.model.norm == "bn" and cfg.train.checkpointing != "none":
+        # nn.BatchNorm2d would update its running statistics again when a checkpointed region
+        # is recomputed; CGBN over this process alone is the same BN and replays its statistics.
+        alone = dist.own_group([[rank] for rank in range(ctx.world_size)])
+        norm = norm_layer("cgbn", alone)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = task.build_model(norm=norm).to(ctx.device)
     optimizer = build_optimizer(model, cfg.solver, plan.lr)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from megdet import dist
+from megdet.nn.recompute import active_tape
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -26,22 +27,27 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-class _CrossGPUBatchNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx, x, weight, bias, running_mean, running_var, eps, factor, group, chunk, two_pass
-    ):
-        """``factor``: running-statistics update weight, or None for no update."""
-        xc = x.to(_compute_dtype(x))
-        if chunk:
-            group_mean, group_var, total = _chunk_statistics(xc, chunk)
-        elif two_pass:
-            group_mean, group_var, total = _two_pass_statistics(xc, group)
-        else:
-            group_mean, group_var, total = _group_statistics(xc, group)
-        if factor is not None:
-            _update_running(running_mean, running_var, group_mean, group_var, total, factor)
+def _batch_statistics(x: torch.Tensor, group, chunk: int | None, two_pass: bool):
+    """(mean, biased variance, element count) per BN group, float64: ``(groups, c)``,
+    ``(groups, c)``, ``(groups,)``. The only place CGBN talks to other processes in forward."""
+    xc = x.detach().to(_compute_dtype(x))
+    if chunk:
+        return _chunk_statistics(xc, chunk)
+    if two_pass:
+        return _two_pass_statistics(xc, group)
+    return _group_statistics(xc, group)
 
+
+class _CrossGPUBatchNormFunction(torch.autograd.Function):
+    """Normalization by given batch statistics; backward pools its sums over ``group``.
+
+    The statistics come in as arguments (computed without autograd by the module), so that a
+    recomputation under activation checkpointing can pass the recorded ones again.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group_mean, group_var, total, eps, group, chunk):
+        xc = x.to(_compute_dtype(x))
         invstd = torch.rsqrt(group_var + eps).to(xc.dtype)  # (groups, c)
         mean = group_mean.to(xc.dtype)
         if chunk:
@@ -61,7 +67,7 @@ class _CrossGPUBatchNormFunction(torch.autograd.Function):
             y = nn.functional.batch_norm(xc, mean[0], var, w, b, False, 0.0, eps)
         # A new tensor, never a view of the input: an in-place ReLU may follow.
         ctx.save_for_backward(x, weight, mean, invstd, total.to(xc.dtype))
-        ctx.group, ctx.chunk, ctx.eps = group, chunk, eps
+        ctx.group, ctx.chunk = group, chunk
         return y.to(x.dtype)
 
     @staticmethod
@@ -95,7 +101,7 @@ class _CrossGPUBatchNormFunction(torch.autograd.Function):
         if weight is not None:
             dweight = local_dy_xhat.to(weight.dtype)
             dbias = local_dy.to(weight.dtype)
-        return (dx.to(x.dtype), dweight, dbias) + (None,) * 7
+        return (dx.to(x.dtype), dweight, dbias) + (None,) * 6
 
 
 def _group_statistics(xc: torch.Tensor, group):
@@ -212,29 +218,32 @@ class CrossGPUBatchNorm2d(nn.modules.batchnorm._BatchNorm):
             return nn.functional.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
             )
-        factor = None
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            factor = self.momentum
-            if factor is None:  # cumulative moving average, as nn.BatchNorm2d
-                factor = 1.0 / float(self.num_batches_tracked)
         chunk = self.local_group_size
         if chunk is not None and x.shape[0] % chunk:
             raise ValueError(
                 f"batch of {x.shape[0]} images does not split into BN groups of {chunk}"
             )
+        tape = active_tape()
+        if tape is not None and tape.replaying:
+            # Recomputation under activation checkpointing: the first forward's statistics,
+            # no collective, no second update of the running statistics.
+            mean, var, total = tape.replay()
+        else:
+            mean, var, total = _batch_statistics(x, self.process_group, chunk, self.two_pass)
+            if self.training and self.track_running_stats:
+                self._update_running_statistics(mean, var, total)
+            if tape is not None:
+                tape.record((mean, var, total))
         return _CrossGPUBatchNormFunction.apply(
-            x,
-            self.weight,
-            self.bias,
-            self.running_mean,
-            self.running_var,
-            self.eps,
-            factor,
-            self.process_group,
-            chunk,
-            self.two_pass,
+            x, self.weight, self.bias, mean, var, total, self.eps, self.process_group, chunk
         )
+
+    def _update_running_statistics(self, mean, var, total) -> None:
+        self.num_batches_tracked.add_(1)
+        factor = self.momentum
+        if factor is None:  # cumulative moving average, as nn.BatchNorm2d
+            factor = 1.0 / float(self.num_batches_tracked)
+        _update_running(self.running_mean, self.running_var, mean, var, total, factor)
 
     def extra_repr(self) -> str:
         extra = f", local_group_size={self.local_group_size}" if self.local_group_size else ""

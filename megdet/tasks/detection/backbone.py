@@ -13,6 +13,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from megdet.config import ModelConfig
 from megdet.errors import ConfigError
+from megdet.nn.recompute import checkpoint_module
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,30 @@ def build_backbone(cfg: ModelConfig, norm: Callable[[int], nn.Module]) -> Backbo
         extra_blocks=LastLevelMaxPool(),
         norm_layer=norm if cfg.norm_scope != "backbone" else None,
     )
+
+
+def apply_checkpointing(backbone: BackboneWithFPN, mode: str) -> list[str]:
+    """Recompute parts of ``backbone`` in backward (``train.checkpointing``); return their names.
+
+    ``stages``: each ResNet stage (res2..res5) keeps only its input; ``blocks``: each residual
+    block does; ``+fpn`` (or ``fpn`` alone): also the FPN. The stem, the RPN and the RoI heads
+    always keep their activations.
+    """
+    parts = set(mode.split("+")) - {"none"}
+    names = []
+    for stage in STAGES:
+        module = getattr(backbone.body, stage)
+        if "stages" in parts:
+            names.append(f"body.{stage}")
+            checkpoint_module(module)
+        if "blocks" in parts:
+            for index, block in enumerate(module):
+                names.append(f"body.{stage}.{index}")
+                checkpoint_module(block)
+    if "fpn" in parts:
+        names.append("fpn")
+        checkpoint_module(backbone.fpn)
+    return names
 
 
 def _load_weights(body: nn.Module, path: str) -> None:

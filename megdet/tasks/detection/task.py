@@ -11,6 +11,7 @@ from torch import nn
 from megdet.config import Config
 from megdet.data.coco import CocoDetection, CocoIndex, read_coco
 from megdet.errors import ConfigError
+from megdet.tasks.detection.backbone import apply_checkpointing
 from megdet.tasks.detection.evaluation import evaluate_distributed, format_metrics
 from megdet.tasks.detection.model import build_detector
 from megdet.tasks.detection.sampling import SeededPositiveNegativeSampler
@@ -45,6 +46,7 @@ class DetectionTask:
         ``norm`` overrides the normalization constructor (CGBN with its process group)."""
         index = self.train_index if split == "train" else self.val_index
         model = build_detector(self.cfg.model, index.num_classes, norm)
+        apply_checkpointing(model.backbone, self.cfg.train.checkpointing)
         seed, cfg = self.cfg.train.seed, self.cfg.model
         model.rpn.fg_bg_sampler = SeededPositiveNegativeSampler(
             cfg.rpn_batch_per_image, 0.5, seed, stream=0
