@@ -50,9 +50,11 @@ def train(cfg: Config, task: DetectionTask, run_dir: Path, ctx: dist.DistContext
     if plan.bn_groups is not None:
         group = dist.own_group(plan.bn_groups.groups(ctx.world_size))
         norm = norm_layer(cfg.model.norm, group, plan.bn_groups.local_group_size)
-    elif cfg.model.norm == "bn" and cfg.train.checkpointing != "none":
-        # nn.BatchNorm2d would update its running statistics again when a checkpointed region
-        # is recomputed; CGBN over this process alone is the same BN and replays its statistics.
+    elif cfg.model.norm == "bn":
+        # Per-process BN as CGBN over this process alone: the same BN (tests/nn/test_cgbn.py),
+        # and under activation checkpointing it replays its statistics where nn.BatchNorm2d
+        # would update its running statistics a second time. Used whether or not checkpointing
+        # is on, so turning it on changes nothing else.
         alone = dist.own_group([[rank] for rank in range(ctx.world_size)])
         norm = norm_layer("cgbn", alone)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
