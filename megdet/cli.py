@@ -76,6 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     config_args(plan)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("--lr-at", metavar="I,J,...", help="also print the lr at these iterations")
+    plan.add_argument(
+        "--memory",
+        action="store_true",
+        help="also measure memory per image with and without train.checkpointing (seconds)",
+    )
     plan.set_defaults(handler=_cmd_plan)
 
     train = commands.add_parser("train", help="train a detector")
@@ -133,10 +138,17 @@ def _cmd_plan(args) -> int:
     from megdet.solver import lr_at
 
     cfg = load_config(args.config, args.overrides)
-    num_images = cfg.data.train.num_images
-    if num_images is None:
-        num_images = len(read_coco(cfg.data.train.json).images)
-    plan = make_plan(cfg, args.nproc, num_images)
+    num_images, num_classes = cfg.data.train.num_images, 80  # COCO's, if the data is not here
+    if num_images is None or Path(cfg.data.train.json).is_file():
+        index = read_coco(cfg.data.train.json)
+        num_images = num_images or len(index.images)
+        num_classes = index.num_classes
+    memory = None
+    if args.memory or cfg.train.images_per_device == "auto":
+        from megdet.tasks.detection.memory import estimate_memory
+
+        memory = estimate_memory(cfg, num_classes)
+    plan = make_plan(cfg, args.nproc, num_images, memory)
     lr_at_iters = {}
     if args.lr_at:
         try:

@@ -79,6 +79,10 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = 16  # GLOBAL images per iteration, over all processes
+    # Images per process: null (batch_size / processes), a number (batch_size becomes it x
+    # processes) or "auto": the most that fit memory_budget_gb, measured (see megdet plan).
+    images_per_device: int | str | None = None
+    memory_budget_gb: float = 16.0  # per process, for images_per_device: auto
     epochs: float | None = None  # null: the end of solver.policy
     seed: int = 0
     checkpoint_period: int = 0  # iterations; 0: only at the end
@@ -189,6 +193,17 @@ def validate(cfg: Config) -> None:
     }.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
+    per_device = cfg.train.images_per_device
+    if (
+        per_device is not None
+        and per_device != "auto"
+        and (not isinstance(per_device, int) or per_device <= 0)
+    ):
+        raise ConfigError(
+            f"train.images_per_device: expected a positive number or auto, got {per_device!r}"
+        )
+    if cfg.train.memory_budget_gb <= 0:
+        raise ConfigError(f"train.memory_budget_gb: must be > 0, got {cfg.train.memory_budget_gb}")
     factors = cfg.solver.factors
     if factors is not None and len(factors) != len(cfg.solver.steps):
         raise ConfigError(
@@ -269,8 +284,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key)
+        choices = [a for a in args if a is not type(None)]
+        for inner in choices[:-1]:  # e.g. int | str: a number if it is one, else the string
+            try:
+                return _coerce(value, inner, key)
+            except ConfigError:
+                pass
+        return _coerce(value, choices[-1], key)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")

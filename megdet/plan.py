@@ -10,9 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from megdet.config import Config
 from megdet.errors import ConfigError
+
+if TYPE_CHECKING:  # the plan stays importable without torchvision
+    from megdet.tasks.detection.memory import MemoryEstimate
 
 # Paper policies (MegDet section 4): ([(epoch, lr factor), ...], last epoch).
 POLICIES = {
@@ -35,12 +39,12 @@ class BNGroups:
         return [list(range(start, start + k)) for start in range(0, world_size, k)]
 
 
-def bn_groups(cfg: Config, world_size: int) -> BNGroups | None:
-    """Turn ``model.bn_size`` into groups; None unless ``model.norm`` is cgbn."""
+def bn_groups(cfg: Config, world_size: int, batch: int) -> BNGroups | None:
+    """Turn ``model.bn_size`` into groups for a global ``batch``; None unless norm is cgbn."""
     if cfg.model.norm != "cgbn":
         return None
-    per_device = cfg.train.batch_size // world_size
-    size = cfg.model.bn_size or cfg.train.batch_size  # null: all processes
+    per_device = batch // world_size
+    size = cfg.model.bn_size or batch  # null: all processes
     if size <= per_device:
         if per_device % size:
             raise ConfigError(
@@ -52,7 +56,7 @@ def bn_groups(cfg: Config, world_size: int) -> BNGroups | None:
         raise ConfigError(
             f"model.bn_size: {size} images do not fit {world_size} processes x {per_device} "
             f"images; use a divisor of {per_device} or a multiple of it that divides "
-            f"{cfg.train.batch_size}"
+            f"{batch}"
         )
     # Consecutive ranks: torchrun numbers each node's processes consecutively, so a group of
     # k ranks stays inside one node whenever k divides the processes per node (as in MegDet).
@@ -76,6 +80,8 @@ class Plan:
     max_iter: int
     milestones: list[list[float]]  # [[iteration, factor], ...]
     bn_groups: BNGroups | None = None
+    # Measured memory per process (megdet plan --memory, or images_per_device: auto).
+    memory: dict | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -96,11 +102,38 @@ class Plan:
             f"{self.lr:g}; {self.warmup} warmup from {self.warmup_start_lr:g} over "
             f"{self.warmup_iters} iterations; {self.iters_per_epoch} iterations/epoch x "
             f"{self.epochs:g} epochs = {self.max_iter} iterations; decay {steps}{bn}"
+            + (f"\n{self.memory['summary']}" if self.memory else "")
         )
 
 
-def make_plan(cfg: Config, world_size: int, num_train_images: int) -> Plan:
+def make_plan(
+    cfg: Config, world_size: int, num_train_images: int, memory: MemoryEstimate | None = None
+) -> Plan:
+    """What a run will do. ``memory`` (measured by ``estimate_memory``) is required when
+    ``train.images_per_device`` is ``auto`` and reported whenever it is given."""
     batch = cfg.train.batch_size
+    per_device = cfg.train.images_per_device
+    memory_report = None
+    if per_device == "auto" and memory is None:
+        raise ConfigError("train.images_per_device: auto needs a memory estimate")
+    if memory is not None:
+        memory_report = _memory_report(cfg, memory)
+        if per_device == "auto":
+            fit = memory_report["images_that_fit"][cfg.train.checkpointing]
+            per_device = _largest_valid_per_device(cfg, world_size, fit)
+            if per_device != fit:
+                memory_report["summary"] += (
+                    f"; {per_device} chosen, the most that model.bn_size={cfg.model.bn_size} "
+                    "can group"
+                )
+            if per_device < 1:
+                raise ConfigError(
+                    f"train.memory_budget_gb: {cfg.train.memory_budget_gb:g} GB does not hold "
+                    f"one image ({memory_report['summary']}); raise it or turn on "
+                    "train.checkpointing"
+                )
+    if per_device is not None:
+        batch = per_device * world_size
     if batch % world_size:
         raise ConfigError(
             f"train.batch_size: {batch} images cannot be split evenly over {world_size} "
@@ -146,5 +179,47 @@ def make_plan(cfg: Config, world_size: int, num_train_images: int) -> Plan:
         epochs=end,
         max_iter=max_iter,
         milestones=[[round(epoch * iters_per_epoch), factor] for epoch, factor in steps],
-        bn_groups=bn_groups(cfg, world_size),
+        bn_groups=bn_groups(cfg, world_size, batch),
+        memory=memory_report,
     )
+
+
+def _largest_valid_per_device(cfg: Config, world_size: int, fit: int) -> int:
+    """The most images per process, at most ``fit``, that the BN groups can be made of."""
+    for per_device in range(fit, 0, -1):
+        try:
+            bn_groups(cfg, world_size, per_device * world_size)
+        except ConfigError:
+            continue
+        return per_device
+    return 0
+
+
+def _memory_report(cfg: Config, memory: MemoryEstimate) -> dict:
+    mode, budget = cfg.train.checkpointing, cfg.train.memory_budget_gb
+    modes = ["none"] if mode == "none" else ["none", mode]
+    fit = {m: memory.images_that_fit(m, budget) for m in modes}
+    per_image = {m: round(memory.per_image_mb[m], 1) for m in modes}
+    h, w = memory.image_size
+    lines = [
+        f"memory per process at {h}x{w} px: weights, gradients, momentum {memory.weights_mb:.0f} "
+        f"MB; activations per image {per_image['none']:.1f} MB without checkpointing"
+    ]
+    if mode != "none":
+        saved = 1 - memory.per_image_mb[mode] / memory.per_image_mb["none"]
+        lines[0] += f", {per_image[mode]:.1f} MB with checkpointing={mode} ({saved:.0%} less)"
+    choice = cfg.train.images_per_device
+    if choice == "auto":
+        lines.append(
+            f"images_per_device auto: {fit[mode]} images fit {budget:g} GB with "
+            f"checkpointing={mode}" + (f" ({fit['none']} without)" if mode != "none" else "")
+        )
+    return {
+        "image_size": [h, w],
+        "weights_mb": round(memory.weights_mb, 1),
+        "activations_per_image_mb": per_image,
+        "activations_fixed_mb": {m: round(memory.fixed_mb[m], 1) for m in modes},
+        "budget_gb": budget,
+        "images_that_fit": fit,
+        "summary": "; ".join(lines),
+    }

@@ -64,3 +64,49 @@ def test_plan_command_works_without_the_data_and_prints_lr_at():
     plan = json.loads(proc.stdout)
     assert (plan["world_size"], plan["images_per_device"], plan["iters_per_epoch"]) == (128, 2, 459)
     assert plan["lr_at"] == pytest.approx({"0": 0.02, "250": 0.17, "4000": 0.032})
+
+
+def _estimate():
+    from megdet.tasks.detection.memory import MemoryEstimate
+
+    # 1 GB of weights/gradients/momentum; 1 GB per image without checkpointing, 0.4 GB with.
+    per_image = {"none": 1024.0, "stages": 400.0}
+    return MemoryEstimate((800, 1067), 1024.0, {"none": 0.0, "stages": 0.0}, per_image)
+
+
+def test_images_per_device_sets_the_batch_and_auto_fills_the_memory_budget():
+    fixed = make_plan(load_config("coco_r50_fpn", ["train.images_per_device=4"]), 8, 1000)
+    assert (fixed.global_batch, fixed.lr) == (32, pytest.approx(0.04))
+    auto = [
+        "train.images_per_device=auto",
+        "train.memory_budget_gb=9",
+        "train.checkpointing=stages",
+    ]
+    plan = make_plan(load_config("coco_r50_fpn", auto), 8, 1000, _estimate())
+    # (9 GB - 1 GB) / 400 MB = 20.5: 20 images with checkpointing; 8 without.
+    assert plan.images_per_device == 20 and plan.global_batch == 160
+    assert plan.memory["images_that_fit"] == {"none": 8, "stages": 20}
+    assert "20 images fit 9 GB with checkpointing=stages (8 without)" in plan.summary()
+    # BN groups of 32 images cannot be made of 20 per process: the most that can is 16.
+    grouped = load_config("coco_r50_fpn", [*auto, "model.norm=cgbn", "model.bn_size=32"])
+    assert make_plan(grouped, 8, 1000, _estimate()).images_per_device == 16
+    with pytest.raises(ConfigError, match="needs a memory estimate"):
+        make_plan(load_config("coco_r50_fpn", auto), 8, 1000)
+    small = load_config("coco_r50_fpn", [*auto, "train.memory_budget_gb=1.2"])
+    with pytest.raises(ConfigError, match="does not hold one image"):
+        make_plan(small, 8, 1000, _estimate())
+    with pytest.raises(ConfigError, match="expected a positive number or auto, got 'many'"):
+        load_config("coco_r50_fpn", ["train.images_per_device=many"])
+
+
+def test_measured_memory_shrinks_with_checkpointing_and_grows_with_images():
+    from megdet.tasks.detection.memory import estimate_memory
+
+    cfg = load_config("default", ["model.min_size=256", "model.max_size=256"])
+    estimate = estimate_memory(cfg, num_classes=3)
+    none = estimate.per_image_mb["none"]
+    # A 256 px image through the tiny backbone keeps several MB of activations.
+    assert 2 < none < 100 and estimate.image_size == (256, 256)
+    for mode in ("stages", "blocks", "stages+fpn"):
+        assert estimate.per_image_mb[mode] < none, mode
+    assert estimate.total_mb("none", 4) > estimate.total_mb("none", 2)

@@ -40,7 +40,11 @@ def train(cfg: Config, task: DetectionTask, run_dir: Path, ctx: dist.DistContext
 
     ``task`` supplies the model, the training set and the evaluator; the loop is task-agnostic.
     """
-    plan = make_plan(cfg, ctx.world_size, task.num_train_images)
+    memory = None
+    if cfg.train.images_per_device == "auto":  # measured once, the same answer on every rank
+        memory = task.estimate_memory() if ctx.is_main else None
+        memory = dist.broadcast_object(memory)
+    plan = make_plan(cfg, ctx.world_size, task.num_train_images, memory)
     if ctx.is_main:
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
         atomic_write_text(run_dir / "plan.json", plan.to_json() + "\n")

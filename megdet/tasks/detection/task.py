@@ -35,6 +35,12 @@ class DetectionTask:
     def num_train_images(self) -> int:
         return len(self.train_index.images)
 
+    def estimate_memory(self):
+        """Memory per process for this detector at its image size (``memory.py``)."""
+        from megdet.tasks.detection.memory import estimate_memory
+
+        return estimate_memory(self.cfg, self.train_index.num_classes)
+
     def train_group_ids(self) -> list[int] | None:
         """Aspect-ratio groups of the training images (0 landscape or square, 1 portrait)."""
         if not self.cfg.data.aspect_ratio_grouping:
