@@ -41,10 +41,12 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.config:
                 load_config(args.config, args.overrides)  # config errors: once, before launch
-            return launch_local(args.nproc, _without_nproc(argv))
+            max_restarts = getattr(args, "max_restarts", 0)
+            return launch_local(args.nproc, _without_launch_options(argv), max_restarts)
         return args.handler(args)
     except MegdetError as exc:
-        print(f"megdet: error: {exc}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank stops; one says why
+            print(f"megdet: error: {exc}", file=sys.stderr)
         return 2
 
 
@@ -87,6 +89,18 @@ def _parser() -> argparse.ArgumentParser:
     config_args(train)
     train.add_argument("--out", type=Path, help="run folder (default runs/<config name>)")
     train.add_argument("--overwrite", action="store_true", help="replace a previous run there")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its newest complete checkpoint",
+    )
+    train.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="with --nproc: restart all processes this many times after a failure (torchrun); "
+        "they resume from the newest checkpoint",
+    )
     train.set_defaults(handler=_cmd_train)
 
     evaluate = commands.add_parser("eval", help="COCO evaluation of a run or a weights file")
@@ -176,13 +190,20 @@ def _cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     run_dir = args.out or Path("runs") / Path(args.config).stem
+    if args.resume and args.overwrite:
+        raise MegdetError("train: --resume and --overwrite contradict each other; pick one")
+    # torchrun restarting failed workers (--max-restarts) continues the run it restarts; its
+    # first attempt already did any --overwrite.
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    resume = args.resume or restarted
+    overwrite = args.overwrite and not restarted
     ctx = dist.init_distributed()
     try:
-        problem = _prepare_run_dir(run_dir, args.overwrite) if ctx.is_main else None
+        problem = _prepare_run_dir(run_dir, overwrite, resume) if ctx.is_main else None
         problem = dist.broadcast_object(problem)  # all ranks stop, or none does
         if problem:
             raise MegdetError(problem)
-        result = train(cfg, DetectionTask(cfg), run_dir, ctx)
+        result = train(cfg, DetectionTask(cfg), run_dir, ctx, resume=resume)
         if ctx.is_main:
             _print_final(run_dir, result.metrics)
     finally:
@@ -233,14 +254,18 @@ def _load_model_state(model, state: dict, path: Path) -> None:
     model.load_state_dict(state)
 
 
-def _prepare_run_dir(run_dir: Path, overwrite: bool) -> str | None:
-    """Refuse to mix two runs in one folder; with --overwrite remove only our own outputs."""
+def _prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool = False) -> str | None:
+    """Refuse to mix two runs in one folder; with --overwrite remove only our own outputs;
+    with --resume keep them all."""
+    if resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return None
     previous = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
     previous += [p.name for p in run_dir.glob("events.out.tfevents.*")]
     if previous and not overwrite:
         return (
             f"--out {run_dir}: holds a previous run ({', '.join(previous[:3])}); "
-            "pass --overwrite to replace it, or choose another --out"
+            "pass --resume to continue it, --overwrite to replace it, or choose another --out"
         )
     for name in previous:
         path = run_dir / name
@@ -260,13 +285,14 @@ def _under_launcher() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def _without_nproc(argv: list[str]) -> list[str]:
+def _without_launch_options(argv: list[str]) -> list[str]:
+    """The worker's command line: the launcher's own options (--nproc, --max-restarts) out."""
     out, skip = [], False
     for item in argv:
         if skip:
             skip = False
-        elif item == "--nproc":
+        elif item in ("--nproc", "--max-restarts"):
             skip = True
-        elif not item.startswith("--nproc="):
+        elif not item.startswith(("--nproc=", "--max-restarts=")):
             out.append(item)
     return out

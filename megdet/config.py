@@ -88,6 +88,7 @@ class TrainConfig:
     checkpoint_period: int = 0  # iterations; 0: only at the end
     # Activation checkpointing (sub-linear memory): none, stages, blocks, fpn, stages+fpn, ...
     checkpointing: str = "none"
+    max_loss: float | None = None  # stop (divergence) when the mean loss passes it
     eval_period: int = 1  # epochs between evaluations (per-epoch mmAP curves); 0: at the end
     max_iter: int | None = None  # cut the run short (smoke tests); the schedule is unchanged
 

@@ -122,6 +122,13 @@ def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_sum_async(tensor: torch.Tensor):
+    """Start summing ``tensor`` in place over all ranks; return the work (None alone)."""
+    if get_world_size() == 1:
+        return None
+    return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True)
+
+
 def all_gather_tensor(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """Stack ``tensor`` from every rank of ``group``: shape ``(group size, *tensor.shape)``.
 

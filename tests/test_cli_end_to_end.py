@@ -65,7 +65,7 @@ def test_instant_train_then_eval_through_the_cli(tmp_path):
 
     refused = megdet("train", "--config", "instant_test", "--out", run, *instant_overrides(data))
     assert refused.returncode == 2
-    assert "pass --overwrite" in refused.stderr and "Traceback" not in refused.stderr
+    assert "--overwrite to replace it" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_missing_data_is_a_one_line_error(tmp_path):

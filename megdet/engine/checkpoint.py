@@ -1,11 +1,14 @@
 """Atomic files: a crash mid-write never leaves a truncated checkpoint or results file.
 
 Write to a temporary file in the same folder, fsync, then ``os.replace`` (atomic on POSIX), as
-timm does; the previous complete file stays in place until the new one is whole.
+timm does; the previous complete file stays in place until the new one is whole. Checkpoints
+keep one generation more (``last.pt`` and ``previous.pt``), so that a ``last.pt`` damaged
+after it was written (a full disk, a copy cut short) still leaves one to resume from.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -16,8 +19,15 @@ import torch
 
 from megdet.errors import MegdetError
 
+log = logging.getLogger(__name__)
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
+LAST, PREVIOUS = "last.pt", "previous.pt"
+
+
+def _atomic_write(
+    path: Path, write: Callable[[Any], None], mode: str, previous: Path | None = None
+) -> None:
+    """Write ``path`` whole or not at all; the file it replaces moves to ``previous``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -26,10 +36,22 @@ def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if previous is not None and path.exists():
+            os.replace(path, previous)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames themselves durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -37,8 +59,28 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """``state`` must hold plain types and tensors only, so that ``weights_only`` loads it."""
-    _atomic_write(path, lambda f: torch.save(state, f), "wb")
+    """``state`` must hold plain types and tensors only, so that ``weights_only`` loads it.
+    The checkpoint ``path`` replaces is kept as ``previous.pt`` beside it."""
+    path = Path(path)
+    _atomic_write(path, lambda f: torch.save(state, f), "wb", path.with_name(PREVIOUS))
+
+
+def newest_checkpoint(folder: Path) -> tuple[dict, Path] | None:
+    """The newest readable checkpoint in ``folder`` (``last.pt``, else ``previous.pt``) and its
+    path; None when there is none. A damaged one is skipped with a warning."""
+    problems = []
+    for name in (LAST, PREVIOUS):
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        try:
+            return load_checkpoint(path), path
+        except MegdetError as exc:
+            log.warning("%s; trying the previous checkpoint", exc)
+            problems.append(str(exc))
+    if problems:
+        raise MegdetError(f"{folder}: no readable checkpoint to resume from ({problems[-1]})")
+    return None
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -7,6 +7,7 @@ averages gradients over processes, so every step uses the mean over the whole gl
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,9 @@ from megdet import dist
 from megdet.config import Config, config_to_dict, dump_config
 from megdet.data.coco import collate
 from megdet.data.sampler import GlobalShuffleSampler
-from megdet.engine.checkpoint import atomic_write_text, save_checkpoint
+from megdet.engine.checkpoint import atomic_write_text, newest_checkpoint, save_checkpoint
 from megdet.engine.events import EventWriter
+from megdet.errors import MegdetError
 from megdet.nn import norm_layer
 from megdet.plan import Plan, make_plan
 from megdet.solver import build_optimizer, lr_at, set_lr
@@ -35,10 +37,18 @@ class TrainResult:
     metrics: dict[str, float]  # the final evaluation, identical on every rank
 
 
-def train(cfg: Config, task: DetectionTask, run_dir: Path, ctx: dist.DistContext) -> TrainResult:
+class DivergenceError(MegdetError):
+    """The loss or the gradients stopped being finite, or the loss passed train.max_loss."""
+
+
+def train(
+    cfg: Config, task: DetectionTask, run_dir: Path, ctx: dist.DistContext, resume: bool = False
+) -> TrainResult:
     """Train ``task`` in this process group; rank 0 writes ``run_dir``.
 
     ``task`` supplies the model, the training set and the evaluator; the loop is task-agnostic.
+    ``resume`` continues from the newest complete checkpoint in ``run_dir`` (if there is one)
+    exactly where it stopped: same weights, momentum, data order and schedule position.
     """
     memory = None
     if cfg.train.images_per_device == "auto":  # measured once, the same answer on every rank
@@ -64,6 +74,7 @@ def train(cfg: Config, task: DetectionTask, run_dir: Path, ctx: dist.DistContext
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = task.build_model(norm=norm).to(ctx.device)
     optimizer = build_optimizer(model, cfg.solver, plan.lr)
+    start_iter = _resume(run_dir, model, optimizer, plan, ctx) if resume else 0
     ddp = DistributedDataParallel(model) if ctx.world_size > 1 else model
 
     sampler = GlobalShuffleSampler(
@@ -73,6 +84,7 @@ def train(cfg: Config, task: DetectionTask, run_dir: Path, ctx: dist.DistContext
         ctx.world_size,
         cfg.train.seed,
         max_iter=plan.max_iter,
+        start_iter=start_iter,
         group_ids=task.train_group_ids(),
     )
     loader = torch.utils.data.DataLoader(
@@ -83,19 +95,27 @@ def train(cfg: Config, task: DetectionTask, run_dir: Path, ctx: dist.DistContext
         pin_memory=ctx.device.type == "cuda",
     )
     events = EventWriter(
-        run_dir, plan.max_iter, tensorboard=cfg.log.tensorboard, enabled=ctx.is_main
+        run_dir,
+        plan.max_iter,
+        start_iter=start_iter,
+        tensorboard=cfg.log.tensorboard,
+        enabled=ctx.is_main,
     )
     eval_every = cfg.train.eval_period * plan.iters_per_epoch
     model.train()
-    for iteration, batch in enumerate(loader):
+    for iteration, batch in enumerate(loader, start=start_iter):
         lr = lr_at(plan, iteration)
         set_lr(optimizer, lr)
         images, targets = task.to_device(batch, ctx.device)
         task.begin_step(model, targets)
         losses = ddp(images, targets)
         loss = sum(losses.values())
+        # The mean loss over all processes, all-reduced while backward runs.
+        health = torch.stack([loss.detach().float(), (~torch.isfinite(loss)).float()])
+        health_work = dist.all_reduce_sum_async(health)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        _stop_if_diverged(health, health_work, model, losses, iteration, lr, cfg, run_dir, ctx)
         optimizer.step()
         events.step()
 
@@ -121,6 +141,70 @@ def train(cfg: Config, task: DetectionTask, run_dir: Path, ctx: dist.DistContext
     return TrainResult(model, plan, metrics)
 
 
+def _stop_if_diverged(health, work, model, losses, iteration, lr, cfg, run_dir, ctx) -> None:
+    """Raise on every process at the same iteration, before the step changes the weights.
+
+    The decision uses only numbers that are the same on every process: the all-reduced loss and
+    the gradient norm after DDP averaged the gradients, so no process is left waiting."""
+    if work is not None:
+        work.wait()
+    mean_loss, nonfinite = (health / ctx.world_size).tolist()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
+    too_high = cfg.train.max_loss is not None and mean_loss > cfg.train.max_loss
+    if not (nonfinite or too_high or not torch.isfinite(torch.tensor(grad_norm))):
+        return
+    terms = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
+    limit = f" > train.max_loss {cfg.train.max_loss:g}" if too_high else ""
+    last = run_dir / "checkpoints" / "last.pt"
+    kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written"
+    raise DivergenceError(
+        f"training diverged at iteration {iteration + 1} (lr {lr:.4g}): mean loss "
+        f"{mean_loss:.4g}{limit}, gradient norm {grad_norm:.4g} ({terms} on rank {ctx.rank}); "
+        f"stopped before the update, {kept}; lower solver.base_lr or lengthen the warmup"
+    )
+
+
+def _resume(run_dir: Path, model, optimizer, plan: Plan, ctx) -> int:
+    """Load the newest complete checkpoint into ``model`` and ``optimizer``; return the
+    iteration to continue from (0 without a checkpoint). Rank 0 reads, every rank receives."""
+    found = newest_checkpoint(run_dir / "checkpoints") if ctx.is_main else None
+    found = dist.broadcast_object(found)
+    if found is None:
+        log.info("resume: no checkpoint in %s/checkpoints, starting from iteration 0", run_dir)
+        return 0
+    state, path = found
+    saved = state["plan"]
+    for key in ("global_batch", "iters_per_epoch"):  # max_iter may grow: a longer run
+        if saved.get(key) != getattr(plan, key):
+            raise MegdetError(
+                f"{path}: was written by a run with {key} {saved.get(key)}, this one has "
+                f"{getattr(plan, key)}; resume with the same config, or start a new --out"
+            )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    start_iter = int(state["iteration"])
+    if ctx.is_main:
+        _truncate_metrics(run_dir / "metrics.jsonl", start_iter)
+    log.info("resume: %s, continuing at iteration %d of %d", path, start_iter, plan.max_iter)
+    return start_iter
+
+
+def _truncate_metrics(path: Path, iteration: int) -> None:
+    """Drop what a stopped run logged after its checkpoint: the resumed run logs it again."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["iter"] <= iteration:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError):
+            continue  # a line cut short by the crash
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
 def _evaluate(task, model, ctx, run_dir, iteration, plan: Plan, events, announce: bool):
     """Evaluate on every rank; ``announce`` logs the table (the final one is the caller's)."""
     metrics = task.evaluate(model, ctx.device, run_dir / "eval" if ctx.is_main else None)
@@ -138,7 +222,10 @@ def _save(run_dir, model, optimizer, iteration, cfg, plan: Plan, ctx) -> None:
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "iteration": iteration,
+        "iteration": iteration,  # the next iteration to run
+        "epoch": iteration // plan.iters_per_epoch,
+        "position_in_epoch": iteration % plan.iters_per_epoch,  # global batches done
+        "rng": {"torch": torch.get_rng_state()},
         "config": config_to_dict(cfg),
         "plan": plan.to_dict(),
     }
