@@ -19,6 +19,10 @@ def launch_local(nproc: int, worker_argv: list[str], max_restarts: int = 0) -> i
     """Run ``python -m megdet *worker_argv`` in ``nproc`` processes; return their exit code."""
     # torchrun would set 1 thread per worker with a warning; split the cores instead.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    if max_restarts:
+        # Restarted workers reading the previous attempt's gloo addresses from the store that
+        # torchrun shares with them fail to connect (pytorch#135712); give them their own.
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     args = torchrun.get_args_parser().parse_args(
         [
             "--standalone",
