@@ -68,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     shapes.add_argument("--size", type=int, default=128, help="image side in pixels")
     shapes.add_argument("--seed", type=int, default=0)
     shapes.set_defaults(handler=_cmd_shapes)
+    check = data_commands.add_parser("check", help="validate a COCO dataset, every problem at once")
+    check.add_argument("--json", type=Path, required=True, help="COCO instances file")
+    check.add_argument("--images", type=Path, help="folder the file_names are relative to")
+    check.add_argument("--strict", action="store_true", help="boxes without area are errors")
+    check.set_defaults(handler=_cmd_data_check)
 
     def config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         p.add_argument("--config", required=required, help="preset name or YAML file")
@@ -131,6 +136,18 @@ def _cmd_report(args) -> int:
     for path in write_report(args.runs, out, epochs):
         print(path)
     return 0
+
+
+def _cmd_data_check(args) -> int:
+    from megdet.data.check import check_dataset
+
+    report = check_dataset(args.json, args.images, decode=True)
+    for problem in report.errors:
+        print(f"error: {problem}")
+    for dropped in report.dropped_boxes:
+        print(f"{'error' if args.strict else 'dropped'}: {dropped}")
+    print(report.summary())
+    return 2 if report.problems(args.strict) else 0
 
 
 def _cmd_shapes(args) -> int:
@@ -212,7 +229,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from megdet.engine.checkpoint import load_checkpoint
+    from megdet.engine.checkpoint import load_checkpoint, load_model_state
     from megdet.tasks.detection.task import DetectionTask
 
     if args.run:
@@ -230,7 +247,7 @@ def _cmd_eval(args) -> int:
     try:
         task = DetectionTask(cfg)
         model = task.build_model(split="val")
-        _load_model_state(model, state["model"], weights if args.run else args.weights)
+        load_model_state(model, state["model"], weights if args.run else args.weights)
         metrics = task.evaluate(model.to(ctx.device), ctx.device, out if ctx.is_main else None)
         if ctx.is_main:
             print(task.format_metrics(metrics))
@@ -239,19 +256,6 @@ def _cmd_eval(args) -> int:
     finally:
         dist.shutdown()
     return 0
-
-
-def _load_model_state(model, state: dict, path: Path) -> None:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        raise MegdetError(
-            f"{path}: weights do not fit this model (missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]}, wrong shape {wrong[:3]}); check model.* and the data's classes"
-        )
-    model.load_state_dict(state)
 
 
 def _prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool = False) -> str | None:

@@ -44,6 +44,7 @@ class DataConfig:
     val: SplitConfig = field(default_factory=SplitConfig)
     num_workers: int = 1
     hflip: bool = True
+    strict: bool = False  # boxes without area inside their image: an error instead of dropped
     # Global batches of only landscape or only portrait images (less padding); all ranks agree.
     aspect_ratio_grouping: bool = True
 

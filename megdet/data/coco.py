@@ -7,12 +7,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import PIL.Image
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from megdet.data.sampler import image_seed
+from megdet.data.check import check_structure, load_json
 from megdet.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -33,46 +35,38 @@ class CocoIndex:
         return len(self.category_ids)
 
 
-def read_coco(path: str | Path) -> CocoIndex:
-    """Parse a COCO instances file; crowd and degenerate boxes are left out of training."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: annotation file not found")
-    try:
-        coco = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(coco, dict) or not isinstance(coco.get(key), list):
-            raise DataError(f"{path}: missing list '{key}' (is this a COCO instances file?)")
+def read_coco(path: str | Path, strict: bool = False) -> CocoIndex:
+    """Parse a COCO instances file, checked as ``megdet data check`` does (``check.py``).
+
+    Crowd boxes and boxes without area inside their image are left out of training (an error
+    with ``strict``); any other problem is a one-line ``DataError`` naming the first of them.
+    """
+    coco, report = load_json(Path(path))
+    if coco is None:
+        raise DataError(report.errors[0])
+    usable = check_structure(coco, report)
+    problems = report.problems(strict)
+    if problems:
+        more = ""
+        if len(problems) > 1:
+            more = (
+                f" (and {len(problems) - 1} more; `megdet data check --json {path}` lists them)"
+            )
+        raise DataError(problems[0] + more)
+    if report.dropped_boxes:
+        log.warning(
+            "%s: dropped %d box(es) without area inside their image (first: %s); "
+            "data.strict=true makes this an error",
+            path, len(report.dropped_boxes), report.dropped_boxes[0],
+        )  # fmt: skip
     categories = sorted(coco["categories"], key=lambda c: c["id"])
     label_of = {c["id"]: k + 1 for k, c in enumerate(categories)}
     images = sorted(coco["images"], key=lambda im: im["id"])
-    sizes = {im["id"]: (im["width"], im["height"]) for im in images}
     boxes: dict[int, list[tuple[list[float], int]]] = {im["id"]: [] for im in images}
-    dropped = 0
-    for ann in coco["annotations"]:
-        image_id, category_id = ann.get("image_id"), ann.get("category_id")
-        if image_id not in sizes:
-            raise DataError(f"{path}: annotation {ann.get('id')} names unknown image_id {image_id}")
-        if category_id not in label_of:
-            raise DataError(
-                f"{path}: annotation {ann.get('id')} names unknown category_id {category_id}"
-            )
-        if ann.get("iscrowd", 0):
-            continue
-        x, y, w, h = ann["bbox"]
-        width, height = sizes[image_id]
-        x0, y0 = max(0.0, x), max(0.0, y)
-        x1, y1 = min(float(width), x + w), min(float(height), y + h)
-        if x1 - x0 < 1e-2 or y1 - y0 < 1e-2:
-            dropped += 1
-            continue
-        boxes[image_id].append(([x0, y0, x1, y1], label_of[category_id]))
-    if dropped:
-        log.warning("%s: dropped %d boxes with no area inside their image", path, dropped)
+    for ann, box in usable:
+        boxes[ann["image_id"]].append((box, label_of[ann["category_id"]]))
     return CocoIndex(
-        path=path,
+        path=Path(path),
         images=images,
         boxes=boxes,
         category_ids=[c["id"] for c in categories],
@@ -125,7 +119,7 @@ class CocoDetection(torch.utils.data.Dataset):
         path = self.image_dir / info["file_name"]
         try:
             with PIL.Image.open(path) as file:
-                image = F.pil_to_tensor(file.convert("RGB"))
+                image = F.pil_to_tensor(_to_rgb8(file))
         except (OSError, ValueError) as exc:
             raise DataError(f"{path}: cannot read image ({exc})") from None
         if tuple(image.shape[-2:]) != (info["height"], info["width"]):
@@ -134,6 +128,16 @@ class CocoDetection(torch.utils.data.Dataset):
                 f"{self.index.path} says {info['width']}x{info['height']}"
             )
         return tv_tensors.Image(image)
+
+
+def _to_rgb8(image: PIL.Image.Image) -> PIL.Image.Image:
+    """Grayscale, RGBA, palette and 16/32-bit images as 8-bit RGB; 16-bit values are scaled,
+    not clipped (PIL's own conversion clips everything above 255 to white)."""
+    if image.mode.startswith("I"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if "16" in image.mode else max(float(array.max()), 1.0)
+        image = PIL.Image.fromarray(np.clip(array / top * 255.0, 0, 255).round().astype(np.uint8))
+    return image.convert("RGB")
 
 
 def collate(batch):

@@ -95,3 +95,17 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(state, dict) or "model" not in state:
         raise MegdetError(f"{path}: not a megdet checkpoint (no 'model' entry)")
     return state
+
+
+def load_model_state(model, state: dict, path: Path) -> None:
+    """``model.load_state_dict`` with a one-line error naming the keys that do not fit."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise MegdetError(
+            f"{path}: weights do not fit this model (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}, wrong shape {wrong[:3]}); check model.* and the data's classes"
+        )
+    model.load_state_dict(state)

@@ -19,7 +19,12 @@ from megdet import dist
 from megdet.config import Config, config_to_dict, dump_config
 from megdet.data.coco import collate
 from megdet.data.sampler import GlobalShuffleSampler
-from megdet.engine.checkpoint import atomic_write_text, newest_checkpoint, save_checkpoint
+from megdet.engine.checkpoint import (
+    atomic_write_text,
+    load_model_state,
+    newest_checkpoint,
+    save_checkpoint,
+)
 from megdet.engine.events import EventWriter
 from megdet.errors import MegdetError
 from megdet.nn import norm_layer
@@ -181,7 +186,7 @@ def _resume(run_dir: Path, model, optimizer, plan: Plan, ctx) -> int:
                 f"{path}: was written by a run with {key} {saved.get(key)}, this one has "
                 f"{getattr(plan, key)}; resume with the same config, or start a new --out"
             )
-    model.load_state_dict(state["model"])
+    load_model_state(model, state["model"], path)
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])
     start_iter = int(state["iteration"])

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from megdet.config import Config
+from megdet.data.check import CheckReport, check_image_files
 from megdet.data.coco import CocoDetection, CocoIndex, read_coco
-from megdet.errors import ConfigError
+from megdet.errors import ConfigError, DataError
 from megdet.tasks.detection.backbone import apply_checkpointing
 from megdet.tasks.detection.evaluation import evaluate_distributed, format_metrics
 from megdet.tasks.detection.model import build_detector
@@ -25,7 +26,9 @@ class DetectionTask:
 
     @functools.cached_property
     def train_index(self) -> CocoIndex:
-        return read_coco(_required(self.cfg.data.train.json, "data.train.json"))
+        return read_coco(
+            _required(self.cfg.data.train.json, "data.train.json"), self.cfg.data.strict
+        )
 
     @functools.cached_property
     def val_index(self) -> CocoIndex:
@@ -96,7 +99,14 @@ class DetectionTask:
         return stats
 
     def train_dataset(self) -> CocoDetection:
+        """The training set, after checking that every image file is there (decoding them all
+        would take minutes on COCO; ``megdet data check`` does)."""
         cfg = self.cfg
+        report = CheckReport(self.train_index.path)
+        check_image_files({"images": self.train_index.images}, cfg.data.train.images, report, False)
+        if report.errors:
+            more = f" (and {len(report.errors) - 1} more)" if len(report.errors) > 1 else ""
+            raise DataError(f"{report.errors[0]}{more}; check data.train.images")
         return CocoDetection(
             self.train_index, cfg.data.train.images, seed=cfg.train.seed, hflip=cfg.data.hflip
         )
