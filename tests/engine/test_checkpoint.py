@@ -45,3 +45,19 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     torch.save({"state_dict": {}}, other)
     with pytest.raises(MegdetError, match="no 'model' entry"):
         load_checkpoint(other)
+
+
+def test_weights_of_another_model_name_the_keys_that_do_not_fit():
+    from torch import nn
+
+    from megdet.engine.checkpoint import load_model_state
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    other = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Linear(2, 2)).state_dict()
+    with pytest.raises(MegdetError) as info:
+        load_model_state(model, other, "w.pt")
+    message = str(info.value)
+    assert message.startswith("w.pt: weights do not fit this model") and "\n" not in message
+    assert "'1.running_mean'" in message  # missing
+    assert "'0.weight'" in message  # wrong shape
+    load_model_state(model, model.state_dict(), "same.pt")  # its own weights fit
