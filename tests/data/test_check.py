@@ -45,6 +45,9 @@ def test_every_problem_is_reported_at_once(tmp_path, capsys):
     ]
     path, images = _dataset(tmp_path, annotations)
     (images / "b.png").write_bytes(b"not a png")  # corrupt
+    coco = json.loads(path.read_text())
+    coco["images"].append({"id": 3, "file_name": "gone.png", "width": 20, "height": 10})
+    path.write_text(json.dumps(coco))
     code = main(["data", "check", "--json", str(path), "--images", str(images)])
     out = capsys.readouterr().out.splitlines()
     assert code == 2
@@ -53,9 +56,10 @@ def test_every_problem_is_reported_at_once(tmp_path, capsys):
     assert any("annotations[2] (id 3): names unknown category_id 9" in e for e in errors)
     assert any("annotations[3] (id 4): missing key 'bbox'" in e for e in errors)
     assert any("b.png: cannot read image" in e for e in errors)
-    assert len(errors) == 4
+    assert any("gone.png: image file not found" in e for e in errors)
+    assert len(errors) == 5
     assert sum(line.startswith("dropped: ") for line in out) == 3
-    assert "1 image(s) without annotations (kept)" in out[-1]  # b.png has none
+    assert "2 image(s) without annotations (kept)" in out[-1]  # b.png and gone.png have none
 
     # Training reads the same file: one line naming the first problem and how many more.
     with pytest.raises(DataError, match=r"unknown image_id 7 \(and 2 more; `megdet data check"):
