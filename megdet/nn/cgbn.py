@@ -104,6 +104,29 @@ class _CrossGPUBatchNormFunction(torch.autograd.Function):
         return (dx.to(x.dtype), dweight, dbias) + (None,) * 6
 
 
+class _LocalBatchNormFunction(torch.autograd.Function):
+    """BatchNorm over this process's batch by ATen's fused kernels: one pass forward, one pass
+    backward, where the group path needs several (a BN group of one process)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, factor, eps):
+        y, mean, invstd = torch.native_batch_norm(
+            x, weight, bias, running_mean, running_var, True, factor, eps
+        )
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, invstd = ctx.saved_tensors
+        affine = weight is not None
+        dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
+            dy, x, weight, None, None, mean, invstd, True, ctx.eps, [True, affine, affine]
+        )
+        return dx, dweight, dbias, None, None, None, None
+
+
 def _group_statistics(xc: torch.Tensor, group):
     """Mean and biased variance over every element of the processes in ``group``.
 
@@ -224,6 +247,8 @@ class CrossGPUBatchNorm2d(nn.modules.batchnorm._BatchNorm):
                 f"batch of {x.shape[0]} images does not split into BN groups of {chunk}"
             )
         tape = active_tape()
+        if self._is_local(x, chunk):
+            return self._local_forward(x, tape)
         if tape is not None and tape.replaying:
             # Recomputation under activation checkpointing: the first forward's statistics,
             # no collective, no second update of the running statistics.
@@ -237,6 +262,29 @@ class CrossGPUBatchNorm2d(nn.modules.batchnorm._BatchNorm):
         return _CrossGPUBatchNormFunction.apply(
             x, self.weight, self.bias, mean, var, total, self.eps, self.process_group, chunk
         )
+
+    def _is_local(self, x: torch.Tensor, chunk: int | None) -> bool:
+        """A BN group of this process's whole batch: ATen's own kernels do all of it."""
+        return (
+            chunk is None
+            and not self.two_pass
+            and dist.group_size(self.process_group) == 1
+            and x.dtype in (torch.float32, torch.float64)
+            and x.numel() > 0
+        )
+
+    def _local_forward(self, x: torch.Tensor, tape) -> torch.Tensor:
+        # A recomputation normalizes the same input by the same kernel, so it recomputes the
+        # same statistics bit for bit; it only must not move the running statistics again.
+        running, factor = (None, None), 0.0
+        replaying = tape is not None and tape.replaying
+        if self.training and self.track_running_stats and not replaying:
+            self.num_batches_tracked.add_(1)
+            factor = self.momentum
+            if factor is None:  # cumulative moving average, as nn.BatchNorm2d
+                factor = 1.0 / float(self.num_batches_tracked)
+            running = (self.running_mean, self.running_var)
+        return _LocalBatchNormFunction.apply(x, self.weight, self.bias, *running, factor, self.eps)
 
     def _update_running_statistics(self, mean, var, total) -> None:
         self.num_batches_tracked.add_(1)
