@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,10 +71,10 @@ def train(
         group = dist.own_group(plan.bn_groups.groups(ctx.world_size))
         norm = norm_layer(cfg.model.norm, group, plan.bn_groups.local_group_size)
     elif cfg.model.norm == "bn":
-        # Per-process BN as CGBN over this process alone: the same BN (tests/nn/test_cgbn.py),
-        # and under activation checkpointing it replays its statistics where nn.BatchNorm2d
-        # would update its running statistics a second time. Used whether or not checkpointing
-        # is on, so turning it on changes nothing else.
+        # Per-process BN as CGBN over this process alone: ATen's BatchNorm kernels, as
+        # nn.BatchNorm2d, but a recomputation under activation checkpointing does not move its
+        # running statistics a second time. Used whether or not checkpointing is on, so that
+        # turning it on changes nothing else.
         alone = dist.own_group([[rank] for rank in range(ctx.world_size)])
         norm = norm_layer("cgbn", alone)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -157,7 +158,7 @@ def _stop_if_diverged(health, work, model, losses, iteration, lr, cfg, run_dir, 
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
     too_high = cfg.train.max_loss is not None and mean_loss > cfg.train.max_loss
-    if not (nonfinite or too_high or not torch.isfinite(torch.tensor(grad_norm))):
+    if not (nonfinite or too_high or not math.isfinite(grad_norm)):
         return
     terms = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
     limit = f" > train.max_loss {cfg.train.max_loss:g}" if too_high else ""
