@@ -38,6 +38,8 @@ bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node 2 bench/cgbn_overhead.py --images 8 --steps 20
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node 2 bench/cgbn_overhead.py --images 16 --steps 10
 	$(PY) bench/checkpoint_memory.py --steps 3
+	$(PY) bench/reference_throughput.py --iters 60
+	$(PY) bench/efficiency.py --steps 10
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
