@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from megdet.engine.checkpoint import atomic_write_bytes, atomic_write_text
 from megdet.errors import MegdetError
 
 # MegDet Table 1's quantities: sampled positives and negatives per image, RPN and RoI heads.
@@ -154,7 +154,7 @@ def write_report(run_dirs: list[Path], out_dir: Path, epochs: list[int] | None =
     written.append(_save(fig, out_dir / "pos_neg_ratio.png"))
 
     table = out_dir / "table1.md"
-    _atomic_write(
+    atomic_write_text(
         table, "# Positive and negative samples (MegDet Table 1)\n\n" + table1(runs, epochs)
     )
     written.append(table)
@@ -165,14 +165,6 @@ def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
-    os.replace(tmp, path)
     return path
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

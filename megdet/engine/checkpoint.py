@@ -54,6 +54,11 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
+    """``write(binary_file)`` into ``path``, whole or not at all (plots, for instance)."""
+    _atomic_write(path, write, "wb")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     _atomic_write(path, lambda f: f.write(text), "w")
 

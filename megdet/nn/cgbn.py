@@ -10,7 +10,7 @@ of squares (M2) in float32 or float64, and the group combines them in float64 wi
 parallel formula, so a large mean next to a small spread keeps its variance (a naive float32
 ``E[x^2] - E[x]^2`` does not). Forward makes one collective (all-gather of
 ``[count, mean, M2]``) and backward one (all-gather of ``[sum dy, sum dy*x_hat]``, summed in
-rank order).
+rank order). A group of one process (per-process BN) runs ATen's fused BatchNorm kernels.
 """
 
 from __future__ import annotations
@@ -256,7 +256,8 @@ class CrossGPUBatchNorm2d(nn.modules.batchnorm._BatchNorm):
         else:
             mean, var, total = _batch_statistics(x, self.process_group, chunk, self.two_pass)
             if self.training and self.track_running_stats:
-                self._update_running_statistics(mean, var, total)
+                factor = self._next_momentum()
+                _update_running(self.running_mean, self.running_var, mean, var, total, factor)
             if tape is not None:
                 tape.record((mean, var, total))
         return _CrossGPUBatchNormFunction.apply(
@@ -279,19 +280,16 @@ class CrossGPUBatchNorm2d(nn.modules.batchnorm._BatchNorm):
         running, factor = (None, None), 0.0
         replaying = tape is not None and tape.replaying
         if self.training and self.track_running_stats and not replaying:
-            self.num_batches_tracked.add_(1)
-            factor = self.momentum
-            if factor is None:  # cumulative moving average, as nn.BatchNorm2d
-                factor = 1.0 / float(self.num_batches_tracked)
+            factor = self._next_momentum()
             running = (self.running_mean, self.running_var)
         return _LocalBatchNormFunction.apply(x, self.weight, self.bias, *running, factor, self.eps)
 
-    def _update_running_statistics(self, mean, var, total) -> None:
+    def _next_momentum(self) -> float:
+        """Count one more batch; the weight its statistics get in the running ones."""
         self.num_batches_tracked.add_(1)
-        factor = self.momentum
-        if factor is None:  # cumulative moving average, as nn.BatchNorm2d
-            factor = 1.0 / float(self.num_batches_tracked)
-        _update_running(self.running_mean, self.running_var, mean, var, total, factor)
+        if self.momentum is None:  # cumulative moving average, as nn.BatchNorm2d
+            return 1.0 / float(self.num_batches_tracked)
+        return self.momentum
 
     def extra_repr(self) -> str:
         extra = f", local_group_size={self.local_group_size}" if self.local_group_size else ""

@@ -94,27 +94,23 @@ def build_backbone(cfg: ModelConfig, norm: Callable[[int], nn.Module]) -> Backbo
     )
 
 
-def apply_checkpointing(backbone: BackboneWithFPN, mode: str) -> list[str]:
-    """Recompute parts of ``backbone`` in backward (``train.checkpointing``); return their names.
+def checkpoint_regions(backbone: BackboneWithFPN) -> dict[str, list[tuple[str, nn.Module]]]:
+    """What each kind of ``train.checkpointing`` recomputes: ResNet stages (res2..res5), their
+    residual blocks, or the FPN; the stem, the RPN and the RoI heads are never recomputed."""
+    stages = [(f"body.{name}", getattr(backbone.body, name)) for name in STAGES]
+    blocks = [(f"{name}.{i}", block) for name, stage in stages for i, block in enumerate(stage)]
+    return {"stages": stages, "blocks": blocks, "fpn": [("fpn", backbone.fpn)]}
 
-    ``stages``: each ResNet stage (res2..res5) keeps only its input; ``blocks``: each residual
-    block does; ``+fpn`` (or ``fpn`` alone): also the FPN. The stem, the RPN and the RoI heads
-    always keep their activations.
-    """
-    parts = set(mode.split("+")) - {"none"}
+
+def apply_checkpointing(backbone: BackboneWithFPN, mode: str) -> list[str]:
+    """Recompute parts of ``backbone`` in backward (``train.checkpointing``, e.g. ``stages`` or
+    ``blocks+fpn``); return their names. Each keeps only its input for backward."""
+    regions = checkpoint_regions(backbone)
     names = []
-    for stage in STAGES:
-        module = getattr(backbone.body, stage)
-        if "stages" in parts:
-            names.append(f"body.{stage}")
+    for kind in sorted(set(mode.split("+")) - {"none"}):
+        for name, module in regions[kind]:
             checkpoint_module(module)
-        if "blocks" in parts:
-            for index, block in enumerate(module):
-                names.append(f"body.{stage}.{index}")
-                checkpoint_module(block)
-    if "fpn" in parts:
-        names.append("fpn")
-        checkpoint_module(backbone.fpn)
+            names.append(name)
     return names
 
 

@@ -21,11 +21,10 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from megdet.config import CHECKPOINTING, Config
 from megdet.nn import norm_layer
-from megdet.tasks.detection.backbone import STAGES
+from megdet.tasks.detection.backbone import checkpoint_regions
 from megdet.tasks.detection.model import build_detector
 
 MB = 2**20
@@ -56,24 +55,16 @@ def estimate_memory(cfg: Config, num_classes: int) -> MemoryEstimate:
     model = build_detector(cfg.model, num_classes, norm).train()
     height = cfg.model.min_size
     width = min(cfg.model.max_size, round(height * 4 / 3))  # a typical 4:3 COCO image
-    per_count = {n: _activation_bytes(model, n, height, width, num_classes) for n in (1, 2)}
+    per_count = {n: _activation_bytes(model, n, height, width) for n in (1, 2)}
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     per_image = {m: (per_count[2][m] - per_count[1][m]) / MB for m in CHECKPOINTING}
     fixed = {m: max(0.0, per_count[1][m] / MB - per_image[m]) for m in CHECKPOINTING}
     return MemoryEstimate((height, width), 4 * params / MB, fixed, per_image)
 
 
-def _regions(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
-    """The modules each kind of checkpointing recomputes (see ``apply_checkpointing``)."""
-    body = model.backbone.body
-    stages = [(name, getattr(body, name)) for name in STAGES]
-    blocks = [(f"{name}.{i}", block) for name, stage in stages for i, block in enumerate(stage)]
-    return {"stages": stages, "blocks": blocks, "fpn": [("fpn", model.backbone.fpn)]}
-
-
-def _activation_bytes(model, images: int, height: int, width: int, num_classes: int):
+def _activation_bytes(model, images: int, height: int, width: int):
     """Bytes autograd keeps for backward in one training forward, per checkpointing mode."""
-    regions = _regions(model)
+    regions = checkpoint_regions(model.backbone)
     running: dict[str, str | None] = dict.fromkeys(regions)  # kind -> region running now
     inputs: dict[str, dict[str, dict[int, int]]] = {kind: {} for kind in regions}
     starts: dict[str, dict[str, int]] = {kind: {} for kind in regions}  # region -> first save
