@@ -1,4 +1,9 @@
-"""Distributed inference and COCO evaluation with pycocotools (the reference implementation)."""
+"""Distributed inference and COCO evaluation.
+
+Two interchangeable evaluators: pycocotools (the reference implementation) and faster-coco-eval
+(the same algorithm in C++). Both give identical metrics on our fixtures (tests/tasks/
+test_evaluation.py); ``bench/eval_backends.py`` measures the speed difference.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,10 @@ import logging
 from pathlib import Path
 
 import torch
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from torch import nn
 
 from megdet import dist
+from megdet.config import EVAL_BACKENDS
 from megdet.data.coco import CocoDetection, collate
 from megdet.engine.checkpoint import atomic_write_text
 
@@ -65,21 +69,42 @@ def predict(
     return results
 
 
-def evaluate_coco(gt_json: str | Path, results: list[dict]) -> tuple[dict[str, float], str]:
-    """Run COCOeval on ``results``; return the six summary metrics and pycocotools' report."""
+def evaluate_coco(
+    gt_json: str | Path, results: list[dict], backend: str = "pycocotools"
+) -> tuple[dict[str, float], str]:
+    """Run COCO's bbox evaluation on ``results``; return the six summary metrics and the report."""
     if not results:
         return dict.fromkeys(METRICS, 0.0), "no detections\n"
+    coco_class, evaluator_class = _backend(backend)
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
-        ground_truth = COCO(str(gt_json))
+        ground_truth = coco_class(str(gt_json))
         detections = ground_truth.loadRes(results)
-        evaluator = COCOeval(ground_truth, detections, "bbox")
+        if backend == "faster":
+            # Its summary goes through a logger by default; print it like pycocotools does.
+            evaluator = evaluator_class(ground_truth, detections, "bbox", print_function=print)
+        else:
+            evaluator = evaluator_class(ground_truth, detections, "bbox")
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
     # COCOeval reports -1 where a size range has no ground truth; that is "not measured".
     metrics = {name: float(v) for name, v in zip(METRICS, evaluator.stats[:6], strict=True)}
     return metrics, buffer.getvalue()
+
+
+def _backend(name: str):
+    """(COCO, COCOeval) classes of an evaluator; imported here so each is loaded only if used."""
+    if name == "pycocotools":
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+
+        return COCO, COCOeval
+    if name == "faster":
+        from faster_coco_eval import COCO, COCOeval_faster
+
+        return COCO, COCOeval_faster
+    raise ValueError(f"eval.backend: '{name}' is not one of {', '.join(EVAL_BACKENDS)}")
 
 
 def evaluate_distributed(
@@ -89,13 +114,14 @@ def evaluate_distributed(
     images_per_device: int,
     out_dir: Path | None,
     num_workers: int = 0,
+    backend: str = "pycocotools",
 ) -> dict[str, float]:
     """Every rank predicts its share; rank 0 evaluates, writes ``out_dir``, shares the metrics."""
     shares = dist.all_gather_object(predict(model, dataset, device, images_per_device, num_workers))
     metrics = None
     if dist.get_rank() == 0:
         results = [r for share in shares for r in share]
-        metrics, report = evaluate_coco(dataset.index.path, results)
+        metrics, report = evaluate_coco(dataset.index.path, results, backend)
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out_dir / "results.json", json.dumps(results))

@@ -130,6 +130,7 @@ class DetectionTask:
             self.cfg.eval.images_per_device,
             out_dir,
             num_workers=self.cfg.data.num_workers,
+            backend=self.cfg.eval.backend,
         )
 
     format_metrics = staticmethod(format_metrics)
