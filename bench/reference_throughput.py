@@ -42,11 +42,18 @@ def reference_worker(data: Path, iters: int, warmup: int) -> dict:
     if distributed:
         dist.init_process_group("gloo")
     world = dist.get_world_size() if distributed else 1
-    cfg = _config(data)
+    from torchvision.ops import MultiScaleRoIAlign
+
+    cfg = _config(data, ["model.channels_last=false"])  # torchvision's detection default
     index = read_coco(cfg.data.train.json)
     dataset = CocoDetection(index, cfg.data.train.images, hflip=True)
     torch.manual_seed(0)
     model = build_detector(cfg.model, index.num_classes, nn.BatchNorm2d)
+    # torchvision's own pooler, with its RoIAlign kernels (megdet's has a faster CPU backward).
+    pool = model.roi_heads.box_roi_pool
+    model.roi_heads.box_roi_pool = MultiScaleRoIAlign(
+        pool.featmap_names, pool.output_size, pool.sampling_ratio
+    )
     if distributed:
         model = nn.parallel.DistributedDataParallel(model)
     sampler = (

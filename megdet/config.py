@@ -76,6 +76,9 @@ class ModelConfig:
     box_head_dim: int = 1024
     box_score_thresh: float = 0.05
     box_detections_per_img: int = 100
+    # Convolutions on NHWC tensors: oneDNN's preferred layout on CPU, 1.14x faster training
+    # steps for the demo detector (BENCHMARKS.md), and tensor cores' on GPU.
+    channels_last: bool = True
 
 
 @dataclass

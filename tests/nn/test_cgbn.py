@@ -90,6 +90,9 @@ def _numerics_worker(rank, world):
         for two_pass in (False, True):
             ours = _run_cgbn(rank, xs[rank], dys[rank], weight, bias, two_pass=two_pass)
             _assert_close(ours, ref_local, dtype)
+        # NHWC activations (model.channels_last) take the same arithmetic.
+        nhwc = [t.contiguous(memory_format=torch.channels_last) for t in (xs[rank], dys[rank])]
+        _assert_close(_run_cgbn(rank, *nhwc, weight, bias), ref_local, dtype)
         results[str(dtype)] = True
 
     # Large mean, small spread, float32: the variance must still be right (requirement 4).
@@ -138,9 +141,11 @@ def test_cgbn_equals_one_batchnorm_over_all_processes(world):
     assert all(r == {"torch.float64": True, "torch.float32": True} for r in results)
 
 
-def test_cgbn_single_process_equals_batchnorm():
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_cgbn_single_process_equals_batchnorm(layout):
     xs, dys, weight, bias = _inputs(1, torch.float64)
-    _assert_close(_run_cgbn(0, xs[0], dys[0], weight, bias),
+    x, dy = (t.contiguous(memory_format=layout) for t in (xs[0], dys[0]))
+    _assert_close(_run_cgbn(0, x, dy, weight, bias),
                   {**(ref := _reference(xs, dys, weight, bias)), "y": ref["y"][0],
                    "dx": ref["dx"][0]}, torch.float64)  # fmt: skip
 

@@ -53,3 +53,28 @@ def test_anchor_sizes_follow_image_size():
     assert anchor_sizes(load_config("default").model) == [8, 16, 32, 64, 128]
     assert anchor_sizes(load_config("instant_test").model) == [4, 8, 16, 32, 64]
     assert anchor_sizes(load_config("coco_r50_fpn").model) == [32, 64, 128, 256, 512]
+
+
+def test_channels_last_detector_matches_nchw(tiny_shapes):
+    """Same weights, same images: NHWC convolutions change only float rounding."""
+    images, targets = _batch(tiny_shapes, n=3)
+    results = []
+    for channels_last in (True, False):
+        cfg = load_config("instant_test", ["model.norm=bn", f"model.channels_last={channels_last}"])
+        torch.manual_seed(0)
+        model = build_detector(cfg.model, num_classes=3)
+        conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+        features = model.backbone(torch.rand(2, 3, 64, 64))
+        assert features["0"].is_contiguous(memory_format=torch.channels_last) == channels_last
+        torch.manual_seed(1)  # the RPN/RoI samplers draw from the global generator here
+        losses = model(images, targets)
+        sum(losses.values()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append(({k: v.item() for k, v in losses.items()}, grads))
+    (losses_nhwc, grads_nhwc), (losses_nchw, grads_nchw) = results
+    assert losses_nhwc == pytest.approx(losses_nchw, rel=1e-4)
+    assert grads_nhwc.keys() == grads_nchw.keys()
+    for name, grad in grads_nchw.items():
+        scale = grad.abs().max().clamp(min=1e-3)
+        assert (grads_nhwc[name] - grad).abs().max() / scale < 1e-3, name

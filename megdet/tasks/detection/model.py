@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -13,11 +14,11 @@ from torchvision.models.detection.faster_rcnn import (
     TwoMLPHead,
 )
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.ops import MultiScaleRoIAlign
 
 from megdet.config import ModelConfig
 from megdet.nn import norm_layer
 from megdet.tasks.detection.backbone import build_backbone
+from megdet.tasks.detection.roi_align import FastMultiScaleRoIAlign
 
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
 
@@ -48,7 +49,7 @@ def build_detector(
         sizes=tuple((size,) for size in anchor_sizes(cfg)),
         aspect_ratios=(ASPECT_RATIOS,) * 5,
     )
-    box_roi_pool = MultiScaleRoIAlign(
+    box_roi_pool = FastMultiScaleRoIAlign(
         featmap_names=["0", "1", "2", "3"],
         output_size=7,
         sampling_ratio=cfg.roi_sampling_ratio,
@@ -62,7 +63,7 @@ def build_detector(
         )
     else:
         box_head = TwoMLPHead(cfg.fpn_channels * 7 * 7, cfg.box_head_dim)
-    return FasterRCNN(
+    model = FasterRCNN(
         backbone,
         min_size=cfg.min_size,
         max_size=cfg.max_size,
@@ -81,3 +82,12 @@ def build_detector(
         box_score_thresh=cfg.box_score_thresh,
         box_detections_per_img=cfg.box_detections_per_img,
     )
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+        model.backbone.register_forward_pre_hook(_images_to_channels_last)
+    return model
+
+
+def _images_to_channels_last(module: nn.Module, args: tuple) -> tuple:
+    """The transform batches images as NCHW; the first convolution should get them as NHWC."""
+    return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
