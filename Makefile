@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.megdet-installed
 SHAPES := data/shapes/annotations/instances_train.json
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench bench-roi clean
 
 install: $(STAMP)
 
@@ -33,13 +33,19 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-# Benchmarks print ratios measured side by side in one run; record them in BENCHMARKS.md.
+# Benchmarks print ratios measured side by side in one run and append them, with the machine,
+# commit and command, to BENCHMARKS.md (--record). About 45 minutes on 2 cores.
 bench: $(STAMP)
-	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node 2 bench/cgbn_overhead.py --images 8 --steps 20
-	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node 2 bench/cgbn_overhead.py --images 16 --steps 10
-	$(PY) bench/checkpoint_memory.py --steps 3
-	$(PY) bench/reference_throughput.py --iters 60
-	$(PY) bench/efficiency.py --steps 10
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node 2 bench/cgbn_overhead.py --images 8 --steps 20 --record
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node 2 bench/cgbn_overhead.py --images 16 --steps 10 --record
+	$(PY) bench/checkpoint_memory.py --steps 3 --record
+	$(PY) bench/reference_throughput.py --record
+	$(PY) bench/efficiency.py --steps 10 --record
+	$(PY) bench/eval_backends.py --images 5000 --record
+
+# The accuracy/speed study behind the demo's model.roi_batch_per_image (5 demo trainings).
+bench-roi: $(STAMP) $(SHAPES)
+	$(PY) bench/roi_batch_tradeoff.py --values 32,64,128,256,512 --record
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

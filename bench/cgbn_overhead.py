@@ -15,6 +15,7 @@ import statistics
 import tempfile
 import time
 
+import record
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8, help="images per process")
     parser.add_argument("--size", type=int, default=128, help="image side")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    parser.add_argument("--record", action="store_true", help="append to BENCHMARKS.md")
     args = parser.parse_args()
 
     ctx = dist.init_distributed()
@@ -86,6 +88,24 @@ def main() -> None:
         )
         for name, value in medians.items():
             print(f"{name:>14}: {value * 1000:7.1f} ms/step  ratio {value / medians['bn']:.3f}")
+        if args.record:
+            record.append(
+                "Cross-GPU BatchNorm overhead (`bench/cgbn_overhead.py`)",
+                record.markdown_table(
+                    ["processes x images", *medians],
+                    [
+                        [
+                            f"{ctx.world_size} x {args.images} at {args.size} px",
+                            *(
+                                f"{v * 1000:.1f} ms ({v / medians['bn']:.3f})"
+                                for v in medians.values()
+                            ),
+                        ]
+                    ],
+                ),  # fmt: skip
+                f"Median step of the slower rank, {args.steps} steps per variant, taking turns; "
+                f"{torch.get_num_threads()} thread(s) per process; ratio to per-process BN.",
+            )
     dist.shutdown()
 
 

@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+import record
+
 DETECTORS = {
     # MegDet's detector with CGBN (here one process) training every stage, 2 images of 512 px.
     "resnet50-fpn 512px x2": (
@@ -74,11 +76,13 @@ def child(name: str, mode: str, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per setting")
+    parser.add_argument("--record", action="store_true", help="append to BENCHMARKS.md")
     parser.add_argument("--child", nargs=2, metavar=("DETECTOR", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(*args.child, args.steps)))
         return
+    rows = []
     for name in DETECTORS:
         results = {}
         for mode in MODES:
@@ -96,6 +100,18 @@ def main() -> None:
                 f"({used / ref:.2f}x, {1 - used / ref:.0%} less), "
                 f"estimated activations {r['estimate_mb']:.0f} MB"
             )
+            rows.append([name, mode, f"{r['step_s']:.3f} s ({r['step_s'] / none['step_s']:.2f}x)",
+                         f"{used:.0f} MB ({1 - used / ref:.0%} less)",
+                         f"{r['estimate_mb']:.0f} MB"])  # fmt: skip
+    if args.record:
+        record.append(
+            "Activation checkpointing (`bench/checkpoint_memory.py`)",
+            record.markdown_table(
+                ["detector", "mode", "step time", "training memory", "estimated activations"],
+                rows,
+            ),
+            "Training memory: peak RSS of the steps minus RSS after building the model.",
+        )
 
 
 if __name__ == "__main__":

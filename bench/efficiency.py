@@ -16,6 +16,7 @@ import statistics
 import tempfile
 import time
 
+import record
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -24,6 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=10, help="timed training steps")
     parser.add_argument("--images", type=int, default=8, help="images per step (the demo's)")
+    parser.add_argument("--record", action="store_true", help="append to BENCHMARKS.md")
     args = parser.parse_args()
 
     from megdet.config import load_config
@@ -92,6 +94,32 @@ def main() -> None:
     print(f"loader alone ({cfg.data.num_workers} workers): {loader_images_per_s:.0f} images/s; "
           f"training: {train_images_per_s:.1f} images/s; "
           f"ratio {loader_images_per_s / train_images_per_s:.1f}x")  # fmt: skip
+    if args.record:
+        record.append(
+            "Hardware efficiency and the data pipeline (`bench/efficiency.py`)",
+            record.markdown_table(
+                ["quantity", "value"],
+                [
+                    [
+                        "forward + backward per image (RoIAlign, NMS not counted)",
+                        f"{flops_per_image / 1e9:.2f} GFLOP",
+                    ],
+                    [
+                        "training step",
+                        f"{step_s * 1000:.0f} ms = {train_images_per_s:.1f} images/s",
+                    ],
+                    ["achieved", f"{achieved / 1e9:.1f} GFLOP/s"],
+                    [f"dense float32 matmul {size}^3", f"{peak / 1e9:.1f} GFLOP/s"],
+                    ["training / matmul peak", f"**{achieved / peak:.1%}**"],
+                    [
+                        f"loader alone ({cfg.data.num_workers} workers)",
+                        f"{loader_images_per_s:.0f} images/s = "
+                        f"**{loader_images_per_s / train_images_per_s:.1f}x** training",
+                    ],
+                ],
+            ),  # fmt: skip
+            f"{torch.get_num_threads()} thread(s), {args.images} images of 128 px per step.",
+        )
 
 
 if __name__ == "__main__":

@@ -33,9 +33,9 @@ def fake_detections(gt: dict, seed: int = 0) -> list[dict]:
     for annotation in gt["annotations"]:
         per_image[annotation["image_id"]].append(annotation)
     results = []
-    for image_id, annotations in per_image.items():
+    for image_id, objects in per_image.items():
         width, height = sizes[image_id]
-        for annotation in annotations:
+        for annotation in objects:
             for _ in range(rng.integers(0, 3)):  # 0: missed, 2: a duplicate
                 x, y, w, h = annotation["bbox"]
                 jitter = rng.normal(0, 0.06, 4) * [w, h, w, h]
@@ -44,7 +44,7 @@ def fake_detections(gt: dict, seed: int = 0) -> list[dict]:
                     category = int(rng.choice(category_ids))
                 box = [x, y, w, h] + jitter
                 results.append(_detection(image_id, category, box, rng.uniform(0.3, 1.0)))
-        for _ in range(rng.integers(20, 100) - len(annotations)):
+        for _ in range(rng.integers(20, 100) - len(objects)):
             w, h = rng.uniform(4, width / 2), rng.uniform(4, height / 2)
             box = [rng.uniform(0, width - w), rng.uniform(0, height - h), w, h]
             category = int(rng.choice(category_ids))

@@ -2,13 +2,16 @@
 ``references/detection`` (``train.py`` + ``engine.py``) trains, same detector, same images;
 then megdet's scaling from 1 to 2 processes with CGBN.
 
-    python bench/reference_throughput.py --iters 60
+    python bench/reference_throughput.py [--setups demo,r50] [--record]
 
-Each (loop, processes) pair runs in its own torchrun, as a user would start it: the reference
-gets plain torchrun (one thread per process, no core binding), megdet its own launcher's
-setup. Both train the demo detector (per-process BatchNorm, `norm: bn`) on the same 128 px
-shapes with the same global batch; images/s is measured over the iterations after the first
-`--warmup`, from the loop's own clock, without evaluation or checkpoint writing.
+Two detectors: ``demo`` (the demo's config, per-process BatchNorm, 128 px shapes, global batch
+16 on 1 or 2 processes) and ``r50`` (the ``coco_r50_fpn`` preset at 512 px, frozen BN as
+torchvision's default, 2 images per process). Each (loop, processes) pair runs in its own
+torchrun, as a user would start it: the reference gets plain torchrun (one thread per process,
+no core binding), torchvision's own RoIAlign pooler and NCHW tensors; megdet its launcher's setup
+and its defaults. Both use the same model settings (RoIs per image, proposals, sampling ratio)
+on the same images; images/s is measured over the iterations after the first ``--warmup``,
+from each loop's own clock, without evaluation or checkpoint writing.
 """
 
 from __future__ import annotations
@@ -23,10 +26,16 @@ import tempfile
 import time
 from pathlib import Path
 
-BATCH = 16  # global, as the demo
+import record
+
+# name: (preset, image size, overrides, images per process or None for a global batch of 16)
+SETUPS = {
+    "demo": ("default", 128, ["model.norm=bn"], None),
+    "r50": ("coco_r50_fpn", 512, ["model.min_size=512", "model.max_size=512"], 2),
+}
 
 
-def reference_worker(data: Path, iters: int, warmup: int) -> dict:
+def reference_worker(data: Path, iters: int, warmup: int, overrides: list[str]) -> dict:
     """torchvision's reference recipe: DistributedSampler + (Grouped)BatchSampler, SGD with a
     LinearLR warmup stepped every iteration, losses all-reduced and read (``.item()``) every
     iteration for the metric logger and the finite-loss check."""
@@ -34,6 +43,7 @@ def reference_worker(data: Path, iters: int, warmup: int) -> dict:
     import torch.distributed as dist
     from torch import nn
     from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+    from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
     from megdet.data.coco import CocoDetection, collate, read_coco
     from megdet.tasks.detection.model import build_detector
@@ -42,13 +52,13 @@ def reference_worker(data: Path, iters: int, warmup: int) -> dict:
     if distributed:
         dist.init_process_group("gloo")
     world = dist.get_world_size() if distributed else 1
-    from torchvision.ops import MultiScaleRoIAlign
-
-    cfg = _config(data, ["model.channels_last=false"])  # torchvision's detection default
+    cfg = _config(data, [*overrides, "model.channels_last=false"])  # torchvision: NCHW
+    batch = cfg.train.batch_size
     index = read_coco(cfg.data.train.json)
     dataset = CocoDetection(index, cfg.data.train.images, hflip=True)
     torch.manual_seed(0)
-    model = build_detector(cfg.model, index.num_classes, nn.BatchNorm2d)
+    norm = {"bn": nn.BatchNorm2d, "frozen": FrozenBatchNorm2d}[cfg.model.norm]
+    model = build_detector(cfg.model, index.num_classes, norm)
     # torchvision's own pooler, with its RoIAlign kernels (megdet's has a faster CPU backward).
     pool = model.roi_heads.box_roi_pool
     model.roi_heads.box_roi_pool = MultiScaleRoIAlign(
@@ -61,7 +71,7 @@ def reference_worker(data: Path, iters: int, warmup: int) -> dict:
     )
     # Every image here is 128 x 128: one aspect-ratio group, where the reference's
     # GroupedBatchSampler yields what BatchSampler does.
-    batches = BatchSampler(sampler, BATCH // world, drop_last=True)
+    batches = BatchSampler(sampler, batch // world, drop_last=True)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=0, collate_fn=collate)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.04, momentum=0.9, weight_decay=1e-4)
@@ -94,7 +104,7 @@ def reference_worker(data: Path, iters: int, warmup: int) -> dict:
                 break
         epoch += 1
     seconds = time.perf_counter() - start
-    return {"images_per_s": BATCH * (iters - warmup) / seconds, "world": world}
+    return {"images_per_s": batch * (iters - warmup) / seconds, "world": world}
 
 
 def _reduce_dict(values: dict, world: int) -> dict:
@@ -116,7 +126,8 @@ def megdet_worker(data: Path, iters: int, warmup: int, out: Path, overrides: lis
     from megdet.engine.trainer import train
     from megdet.tasks.detection.task import DetectionTask
 
-    extra = [f"train.max_iter={iters}", "train.eval_period=0", "log.period=10", *overrides]
+    # Logged every `warmup` iterations: the timed ones form whole logging windows.
+    extra = [*overrides, f"train.max_iter={iters}", "train.eval_period=0", f"log.period={warmup}"]
     cfg = _config(data, extra)
     ctx = dist.init_distributed()
     train(cfg, DetectionTask(cfg), out, ctx)
@@ -127,13 +138,13 @@ def megdet_worker(data: Path, iters: int, warmup: int, out: Path, overrides: lis
     return {"images_per_s": batch / (sum(timed) / len(timed)), "world": ctx.world_size}
 
 
-def _run(loop, nproc, threads, tmp, args, run, overrides=()) -> float:
-    out = Path(tmp) / f"run-{loop}-{nproc}-{threads}-{run}"
+def _run(loop, nproc, threads, data, iters, warmup, run, overrides=()) -> float:
+    out = Path(data) / f"run-{loop}-{nproc}-{threads}-{run}"
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", __file__, "--worker", loop, "--data", tmp,
-               "--out", str(out), "--iters", str(args.iters), "--warmup", str(args.warmup),
+               f"--nproc-per-node={nproc}", __file__, "--worker", loop, "--data", str(data),
+               "--out", str(out), "--iters", str(iters), "--warmup", str(warmup),
                *[f"--set={o}" for o in overrides]]  # fmt: skip
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -142,76 +153,109 @@ def _run(loop, nproc, threads, tmp, args, run, overrides=()) -> float:
     return json.loads(lines[-1][7:])["images_per_s"]
 
 
-def _config(data: Path, extra: tuple[str, ...] = ()):
+def _config(data: Path, extra: list[str]):
+    """``extra`` starts with ``preset=NAME`` (from ``SETUPS``); the data is the shapes set."""
     from megdet.config import load_config
 
+    preset = extra[0].removeprefix("preset=")
     return load_config(
-        "default",
+        preset,
         [
             f"data.train.json={data}/annotations/instances_train.json",
             f"data.train.images={data}/train",
             f"data.val.json={data}/annotations/instances_val.json",
             f"data.val.images={data}/val",
-            "model.norm=bn",
+            "data.num_workers=0",
             "log.tensorboard=false",
-            *extra,
+            *extra[1:],
         ],
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--iters", type=int, default=60)
+    parser.add_argument("--setups", default="demo,r50", help="comma-separated: demo, r50")
+    parser.add_argument("--iters", type=int, default=60, help="demo iterations per run")
     parser.add_argument("--warmup", type=int, default=10, help="untimed first iterations")
+    parser.add_argument("--r50-iters", type=int, default=9)
+    parser.add_argument("--r50-warmup", type=int, default=3)
+    parser.add_argument("--record", action="store_true", help="append to BENCHMARKS.md")
     parser.add_argument("--worker", choices=("reference", "megdet"), help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker == "reference":
-        result = reference_worker(args.data, args.iters, args.warmup)
+        result = reference_worker(args.data, args.iters, args.warmup, args.set)
     elif args.worker == "megdet":
         result = megdet_worker(args.data, args.iters, args.warmup, args.out, args.set)
     if args.worker:
         if int(os.environ.get("RANK", "0")) == 0:
             print("RESULT " + json.dumps(result), flush=True)
         return
+    if (args.iters - args.warmup) % args.warmup or (args.r50_iters - args.r50_warmup) % (
+        args.r50_warmup
+    ):
+        parser.error("iterations after the warmup must be a multiple of the warmup")
 
     from megdet.data.shapes import generate_shapes
 
+    rows, notes = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        generate_shapes(tmp, BATCH * args.iters, 8, size=128, seed=0)
-        results: dict = {}
-        for nproc in (1, 2):
-            for run, loop in enumerate(("reference", "megdet") * 2):  # alternate: noise
-                value = _run(loop, nproc, 2 // nproc, tmp, args, run, ["model.norm=bn"])
-                results.setdefault((loop, nproc), []).append(round(value, 1))
-        for nproc in (1, 2):
-            ref, ours = max(results[("reference", nproc)]), max(results[("megdet", nproc)])
-            print(
-                f"{nproc} process(es) x {2 // nproc} thread(s), global batch {BATCH}, norm bn: "
-                f"torchvision-reference loop {ref:.1f} images/s, megdet {ours:.1f} images/s, "
-                f"ratio {ours / ref:.2f} (best of 2: {results[('reference', nproc)]} vs "
-                f"{results[('megdet', nproc)]})"
-            )
-
-        cgbn = ["model.norm=cgbn"]
-        scaling = {
-            "1 process x 1 thread, batch 8": (1, 1, [*cgbn, "train.batch_size=8"]),
-            "2 processes x 1 thread, batch 16": (2, 1, [*cgbn, "train.batch_size=16"]),
-            "1 process x 2 threads, batch 16": (1, 2, [*cgbn, "train.batch_size=16"]),
-        }
-        speed = {}
-        for run in range(2):
-            for name, (nproc, threads, overrides) in scaling.items():
-                value = _run("megdet", nproc, threads, tmp, args, 10 + run, overrides)
-                speed[name] = max(speed.get(name, 0.0), value)
-        one, two, threads = speed.values()
-        print(
-            f"scaling with CGBN: {one:.1f} images/s on 1 process x 1 thread, {two:.1f} on 2 "
-            f"processes x 1 thread ({two / one:.2f}x, ideal 2.0), {threads:.1f} on 1 process x "
-            f"2 threads at the same global batch ({two / threads:.2f}x)"
+        for name in args.setups.split(","):
+            preset, size, overrides, per_process = SETUPS[name]
+            iters, warmup = (args.iters, args.warmup) if name == "demo" else (
+                args.r50_iters, args.r50_warmup)  # fmt: skip
+            data = Path(tmp) / name
+            generate_shapes(data, 16 * iters, 8, size=size, seed=0)
+            runs = 2 if name == "demo" else 1  # alternating, best kept: this VM's noise
+            for nproc in (1, 2):
+                batch = per_process * nproc if per_process else 16
+                setting = [f"preset={preset}", *overrides, f"train.batch_size={batch}"]
+                speed: dict[str, list[float]] = {"reference": [], "megdet": []}
+                for run in range(runs):
+                    for loop in speed:
+                        value = _run(loop, nproc, 2 // nproc, data, iters, warmup, run, setting)
+                        speed[loop].append(round(value, 2))
+                ref, ours = max(speed["reference"]), max(speed["megdet"])
+                rows.append([name, f"{nproc} x {2 // nproc}", batch, f"{ref:.2f}",
+                             f"{ours:.2f}", f"**{ours / ref:.2f}**"])  # fmt: skip
+                print(rows[-1], speed, flush=True)
+        if "demo" in args.setups.split(","):
+            notes.append(_scaling(Path(tmp) / "demo", args))
+    table = record.markdown_table(
+        ["detector", "processes x threads", "global batch", "reference images/s",
+         "megdet images/s", "megdet / reference"], rows)  # fmt: skip
+    print(table)
+    print("\n".join(notes))
+    if args.record:
+        record.append(
+            "Training throughput vs torchvision's reference loop (`bench/reference_throughput.py`)",
+            table,
+            "\n".join([*notes, "demo: best of 2 alternating runs per loop; r50: 1 run each."]),
         )
+
+
+def _scaling(data: Path, args) -> str:
+    """Same per-process batch, CGBN on: 1 x 1 vs 2 x 1, and 2 x 1 vs 1 process x 2 threads."""
+    base = ["preset=default", "model.norm=cgbn"]
+    scaling = {
+        "1 x 1, batch 8": (1, 1, [*base, "train.batch_size=8"]),
+        "2 x 1, batch 16": (2, 1, [*base, "train.batch_size=16"]),
+        "1 x 2, batch 16": (1, 2, [*base, "train.batch_size=16"]),
+    }
+    speed: dict[str, float] = {}
+    for run in range(2):
+        for name, (nproc, threads, overrides) in scaling.items():
+            value = _run("megdet", nproc, threads, data, args.iters, args.warmup, 10 + run,
+                         overrides)  # fmt: skip
+            speed[name] = max(speed.get(name, 0.0), value)
+    one, two, threads = speed.values()
+    return (
+        f"Scaling with CGBN (demo, best of 2): {one:.1f} images/s on 1 process x 1 thread, "
+        f"{two:.1f} on 2 processes x 1 thread (**{two / one:.2f}x**, ideal 2.0), {threads:.1f} "
+        f"on 1 process x 2 threads at the same global batch (2 x 1 is {two / threads:.2f}x that)."
+    )
 
 
 if __name__ == "__main__":

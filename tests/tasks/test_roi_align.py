@@ -71,7 +71,7 @@ def test_multiscale_pooler_equals_torchvision():
     corners = torch.rand(2, 40, 2, generator=g, dtype=torch.float64) * 90
     # Box sides from 2 to 120 px so every level gets some.
     sides = torch.exp(torch.rand(2, 40, 1, generator=g, dtype=torch.float64) * 4.1) + 1
-    boxes = [torch.cat([c, c + sides.expand(-1, 2)], 1) for c, sides in zip(corners, sides)]
+    boxes = [torch.cat([c, c + s.expand(-1, 2)], 1) for c, s in zip(corners, sides, strict=True)]
     results = []
     for pooler_class in (FastMultiScaleRoIAlign, MultiScaleRoIAlign):
         # canonical_scale 28 instead of 224: boxes of 2-120 px reach all four levels.
@@ -87,3 +87,23 @@ def test_multiscale_pooler_equals_torchvision():
     assert len(set(levels.map_levels(boxes).tolist())) == 4  # every level was exercised
     for a, b in zip(our_grads, their_grads, strict=True):
         assert (a - b).abs().max() < 1e-12
+
+
+def test_chunked_backward_equals_one_chunk(monkeypatch):
+    """Large RoI sets are processed in chunks; the gradient must not depend on the chunking."""
+    from megdet.tasks.detection import roi_align as module
+
+    features, rois = _features_and_rois(torch.float64, num_rois=50)
+    upstream = torch.randn(
+        50, 5, 7, 7, generator=torch.Generator().manual_seed(4), dtype=torch.float64
+    )
+    grads = []
+    for chunk_elements in (module.CHUNK_ELEMENTS, 7 * 2 * 2 * 49 * 4 * 5):  # one chunk; 7 RoIs
+        monkeypatch.setattr(module, "CHUNK_ELEMENTS", chunk_elements)
+        x = features.clone().requires_grad_()
+        fast_roi_align(x, rois, (7, 7), 0.5, 2).backward(upstream)
+        grads.append(x.grad)
+    theirs = features.clone().requires_grad_()
+    roi_align(theirs, rois, (7, 7), 0.5, 2).backward(upstream)
+    assert (grads[0] - grads[1]).abs().max() < 1e-12
+    assert (grads[1] - theirs.grad).abs().max() < 1e-12

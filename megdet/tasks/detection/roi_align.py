@@ -22,6 +22,10 @@ from torch.autograd.function import once_differentiable
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.poolers import _setup_scales  # torchvision is pinned (pyproject.toml)
 
+# Elements of one chunk's weighted gradients (16 MB in float32): bounds the backward's memory
+# (ResNet-50 FPN: 512 RoIs x 2 images x 14 x 14 samples x 4 corners x 256 channels otherwise).
+CHUNK_ELEMENTS = 1 << 22
+
 
 def fast_roi_align(
     features: Tensor,
@@ -31,7 +35,7 @@ def fast_roi_align(
     sampling_ratio: int,
     aligned: bool = False,
 ) -> Tensor:
-    """``torchvision.ops.roi_align`` on (K, 5) ``rois``; the vectorized backward where it applies."""
+    """``torchvision.ops.roi_align`` on (K, 5) ``rois``; our backward where it applies."""
     if features.device.type == "cpu" and sampling_ratio > 0 and features.requires_grad:
         return _RoIAlignFunction.apply(
             features, rois, output_size, spatial_scale, sampling_ratio, aligned
@@ -86,9 +90,13 @@ def _roi_align_backward(
         cell = (image * height + cell_y[:, :, None, :, None]) * width + cell_x[:, None, :, None, :]
         # Each bin's gradient goes to its grid x grid sample points, averaged.
         per_bin = grad_output.permute(0, 2, 3, 1) / (grid * grid)  # (roi, bin y, bin x, C)
-        per_sample = per_bin.repeat_interleave(grid, 1).repeat_interleave(grid, 2)
-        source = weight[..., None] * per_sample[:, :, :, None, None, :]
-        grad_flat.index_add_(0, cell.reshape(-1), source.reshape(-1, channels))
+        # RoIs in chunks, so the per-corner products stay within CHUNK_ELEMENTS.
+        chunk = max(1, CHUNK_ELEMENTS // (weight[0].numel() * channels))
+        for begin in range(0, num_rois, chunk):
+            rows = slice(begin, begin + chunk)
+            per_sample = per_bin[rows].repeat_interleave(grid, 1).repeat_interleave(grid, 2)
+            source = weight[rows, ..., None] * per_sample[:, :, :, None, None, :]
+            grad_flat.index_add_(0, cell[rows].reshape(-1), source.reshape(-1, channels))
     grad = grad_flat.view(num_images, height, width, channels).permute(0, 3, 1, 2)
     return grad.contiguous()
 
