@@ -76,9 +76,10 @@ class ModelConfig:
     box_head_dim: int = 1024
     box_score_thresh: float = 0.05
     box_detections_per_img: int = 100
-    # Convolutions on NHWC tensors: oneDNN's preferred layout on CPU, 1.14x faster training
-    # steps for the demo detector (BENCHMARKS.md), and tensor cores' on GPU.
-    channels_last: bool = True
+    # Convolutions on NHWC tensors. On this project's AVX2 CPUs it speeds up narrow networks
+    # (the demo: 1.08x a step) but slows ResNet-50's convolution backward (0.87x); measure
+    # (bench/step_variants.py) before turning it on. On GPUs, NHWC is what tensor cores want.
+    channels_last: bool = False
 
 
 @dataclass
