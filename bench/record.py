@@ -33,8 +33,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    parts = [f"{cpu}, {cores} cores usable"]
+    # The machine's CPUs, not this process's affinity (megdet binds each process to its own).
+    parts = [f"{cpu}, {os.cpu_count()} CPUs"]
     if torch.cuda.is_available():
         parts.append(f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}")
     import torchvision

@@ -216,10 +216,10 @@ def main() -> None:
                 for run in range(runs):
                     for loop in speed:
                         value = _run(loop, nproc, 2 // nproc, data, iters, warmup, run, setting)
-                        speed[loop].append(round(value, 2))
+                        speed[loop].append(round(value, 3))
                 ref, ours = max(speed["reference"]), max(speed["megdet"])
-                rows.append([name, f"{nproc} x {2 // nproc}", batch, f"{ref:.2f}",
-                             f"{ours:.2f}", f"**{ours / ref:.2f}**"])  # fmt: skip
+                rows.append([name, f"{nproc} x {2 // nproc}", batch, f"{ref:.3g}",
+                             f"{ours:.3g}", f"**{ours / ref:.2f}**"])  # fmt: skip
                 print(rows[-1], speed, flush=True)
         if "demo" in args.setups.split(","):
             notes.append(_scaling(Path(tmp) / "demo", args))
