@@ -32,7 +32,9 @@ def train(value: int, positive: float, seed: int, out: Path) -> dict:
                "train.eval_period=1", "log.tensorboard=false",
                "--nproc", "2", "--out", str(out), "--overwrite"]  # fmt: skip
     begin = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
     wall = time.perf_counter() - begin
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     per_iter = [r["time_per_iter"] for r in lines if "time_per_iter" in r]

@@ -104,7 +104,7 @@ def test_unknown_backend_is_a_config_error():
 
 
 def test_no_detections_and_table(tiny_shapes):
-    metrics, _ = evaluate_coco(tiny_shapes / "annotations" / "instances_val.json", [])
+    metrics, _ = evaluate_coco(tiny_shapes / "annotations" / "instances_val.json", [], "faster")
     assert metrics == dict.fromkeys(METRICS, 0.0)
     table = format_metrics({**metrics, "mmAP": 0.5123, "APl": -1.0})
     assert table.splitlines()[0].split("|")[0].strip() == "mmAP"

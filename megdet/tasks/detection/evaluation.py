@@ -70,21 +70,17 @@ def predict(
 
 
 def evaluate_coco(
-    gt_json: str | Path, results: list[dict], backend: str = "pycocotools"
+    gt_json: str | Path, results: list[dict], backend: str
 ) -> tuple[dict[str, float], str]:
-    """Run COCO's bbox evaluation on ``results``; return the six summary metrics and the report."""
+    """Run COCO's bbox evaluation (``eval.backend``) on ``results``; return the six summary
+    metrics and the evaluator's printed report."""
     if not results:
         return dict.fromkeys(METRICS, 0.0), "no detections\n"
-    coco_class, evaluator_class = _backend(backend)
+    coco_class, make_evaluator = _backend(backend)
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
         ground_truth = coco_class(str(gt_json))
-        detections = ground_truth.loadRes(results)
-        if backend == "faster":
-            # Its summary goes through a logger by default; print it like pycocotools does.
-            evaluator = evaluator_class(ground_truth, detections, "bbox", print_function=print)
-        else:
-            evaluator = evaluator_class(ground_truth, detections, "bbox")
+        evaluator = make_evaluator(ground_truth, ground_truth.loadRes(results))
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
@@ -94,16 +90,17 @@ def evaluate_coco(
 
 
 def _backend(name: str):
-    """(COCO, COCOeval) classes of an evaluator; imported here so each is loaded only if used."""
+    """The backend's COCO class and a bbox-evaluator constructor; imported only if used."""
     if name == "pycocotools":
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
 
-        return COCO, COCOeval
+        return COCO, lambda gt, dt: COCOeval(gt, dt, "bbox")
     if name == "faster":
         from faster_coco_eval import COCO, COCOeval_faster
 
-        return COCO, COCOeval_faster
+        # Its summary goes to a logger by default; printed, the report reads as pycocotools'.
+        return COCO, lambda gt, dt: COCOeval_faster(gt, dt, "bbox", print_function=print)
     raise ValueError(f"eval.backend: '{name}' is not one of {', '.join(EVAL_BACKENDS)}")
 
 
@@ -113,8 +110,8 @@ def evaluate_distributed(
     device: torch.device,
     images_per_device: int,
     out_dir: Path | None,
+    backend: str,
     num_workers: int = 0,
-    backend: str = "pycocotools",
 ) -> dict[str, float]:
     """Every rank predicts its share; rank 0 evaluates, writes ``out_dir``, shares the metrics."""
     shares = dist.all_gather_object(predict(model, dataset, device, images_per_device, num_workers))

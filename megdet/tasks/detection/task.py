@@ -129,8 +129,8 @@ class DetectionTask:
             device,
             self.cfg.eval.images_per_device,
             out_dir,
+            self.cfg.eval.backend,
             num_workers=self.cfg.data.num_workers,
-            backend=self.cfg.eval.backend,
         )
 
     format_metrics = staticmethod(format_metrics)
