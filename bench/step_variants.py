@@ -1,4 +1,4 @@
-"""One training step of the demo detector under each speed option, side by side.
+"""One training step of a detector under each speed option, side by side.
 
     python bench/step_variants.py [--detector demo|r50] [--steps 15] [--threads 1] [--record]
 
@@ -7,7 +7,7 @@ is the demo's detector with per-process BN on 8 images of 128 px, ``r50`` the ``
 preset (frozen BN) on 2 images of 512 px.
 - ``torchvision``: NCHW tensors and torchvision's RoIAlign (what megdet did before issue 7);
 - ``fast_roi_align``: megdet's RoIAlign (vectorized CPU backward);
-- ``channels_last``: plus NHWC convolutions (megdet's default);
+- ``channels_last``: plus NHWC convolutions (``model.channels_last``, on in the demo preset);
 - ``compile``: plus ``torch.compile`` of the backbone + FPN (compilation not timed);
 - ``bf16``: plus bf16 autocast (CPU).
 The variants take turns step by step, so a slow moment of the machine hits them alike; the
