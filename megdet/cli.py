@@ -164,22 +164,16 @@ def _cmd_shapes(args) -> int:
 def _cmd_plan(args) -> int:
     import json
 
-    from megdet.data.coco import read_coco
     from megdet.plan import make_plan
     from megdet.solver import lr_at
+    from megdet.tasks.detection.task import DetectionTask
 
     cfg = load_config(args.config, args.overrides)
-    num_images, num_classes = cfg.data.train.num_images, 80  # COCO's, if the data is not here
-    if num_images is None or Path(cfg.data.train.json).is_file():
-        index = read_coco(cfg.data.train.json)
-        num_images = num_images or len(index.images)
-        num_classes = index.num_classes
+    task = DetectionTask(cfg)  # the counts and the memory estimate training uses
     memory = None
     if args.memory or cfg.train.images_per_device == "auto":
-        from megdet.tasks.detection.memory import estimate_memory
-
-        memory = estimate_memory(cfg, num_classes)
-    plan = make_plan(cfg, args.nproc, num_images, memory)
+        memory = task.estimate_memory()
+    plan = make_plan(cfg, args.nproc, task.num_train_images, memory)
     lr_at_iters = {}
     if args.lr_at:
         try:

@@ -28,6 +28,7 @@ POLICIES = ("step", "normal", "long")
 CHECKPOINTING = ("none", "stages", "blocks", "fpn", "stages+fpn", "blocks+fpn")
 WARMUPS = ("linear", "constant", "none")
 EVAL_BACKENDS = ("faster", "pycocotools")
+DTYPES = ("float32", "float64")
 
 
 @dataclass
@@ -36,7 +37,10 @@ class SplitConfig:
 
     json: str = ""
     images: str = ""
-    num_images: int | None = None  # lets `megdet plan` work where the data is not (train only)
+    # What `megdet plan` uses where the data is not on this machine (train only); when the
+    # JSON is there, its own counts are used, as in training.
+    num_images: int | None = None
+    num_classes: int | None = None
 
 
 @dataclass
@@ -58,8 +62,13 @@ class ModelConfig:
     # Where model.norm applies: the backbone; also the FPN; or also a conv box head ("all").
     norm_scope: str = "backbone"
     box_head_convs: int = 4  # conv layers of the box head when norm_scope is "all"
-    backbone_weights: str = ""  # optional local torchvision ImageNet state_dict
-    frozen_stages: int = 0  # 1: stem, 2: stem and res2, ... (with backbone_weights)
+    # imagenet (torchvision's ImageNet weights for model.backbone, through the torch hub
+    # cache), a local torchvision ResNet state_dict file, or none (random initialization on
+    # purpose). Unset: random, refused under frozen norm or frozen stages (see validate).
+    backbone_weights: str = ""
+    # 1: stem, 2: stem and res2, ... Frozen stages keep their weights and normalize with
+    # fixed statistics (FrozenBatchNorm2d), whatever model.norm is (detectron2's FREEZE_AT).
+    frozen_stages: int = 0
     min_size: int = 800
     max_size: int = 1333
     fpn_channels: int = 256
@@ -97,6 +106,9 @@ class TrainConfig:
     max_loss: float | None = None  # stop (divergence) when the mean loss passes it
     eval_period: int = 1  # epochs between evaluations (per-epoch mmAP curves); 0: at the end
     max_iter: int | None = None  # cut the run short (smoke tests); the schedule is unchanged
+    # float64: a numerical reference (world-size invariance tests, chasing a divergence),
+    # several times slower; float32 otherwise.
+    dtype: str = "float32"
 
 
 @dataclass
@@ -182,6 +194,7 @@ def validate(cfg: Config) -> None:
         "solver.warmup": (cfg.solver.warmup, WARMUPS),
         "train.checkpointing": (cfg.train.checkpointing, CHECKPOINTING),
         "eval.backend": (cfg.eval.backend, EVAL_BACKENDS),
+        "train.dtype": (cfg.train.dtype, DTYPES),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -227,10 +240,35 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.epochs: must be > 0, got {cfg.train.epochs}")
     if not 0 <= cfg.model.frozen_stages <= 5:
         raise ConfigError(f"model.frozen_stages: must be 0..5, got {cfg.model.frozen_stages}")
+    _validate_backbone_weights(cfg.model)
     if cfg.model.anchor_sizes is not None and len(cfg.model.anchor_sizes) != 5:
         raise ConfigError("model.anchor_sizes: needs 5 sizes, one per FPN level P2..P6")
     if cfg.solver.policy == "step" and cfg.train.epochs is None:
         raise ConfigError("train.epochs: required with solver.policy=step")
+
+
+def _validate_backbone_weights(model: ModelConfig) -> None:
+    """Frozen statistics or frozen stages over random weights normalize and keep nothing
+    learned: almost always a forgotten ``model.backbone_weights``, so it has to be said."""
+    weights = model.backbone_weights
+    if weights == "imagenet" and model.backbone == "tiny":
+        raise ConfigError(
+            "model.backbone_weights: there are no ImageNet weights for the tiny backbone; "
+            "use resnet18/resnet50, or none"
+        )
+    if weights:
+        return
+    frozen = []
+    if model.norm == "frozen":
+        frozen.append("model.norm=frozen")
+    if model.frozen_stages:
+        frozen.append(f"model.frozen_stages={model.frozen_stages}")
+    if frozen:
+        raise ConfigError(
+            f"model.backbone_weights: not set, but {' and '.join(frozen)} would freeze randomly "
+            "initialized layers; set it to imagenet or a local file, or to none to train from "
+            "scratch on purpose"
+        )
 
 
 def _read_yaml(name_or_path: str) -> dict:

@@ -192,7 +192,7 @@ def reduce_mean_dict(values: dict[str, torch.Tensor]) -> dict[str, float]:
     if not values:
         return {}
     keys = sorted(values)
-    stacked = torch.stack([values[k].detach().float().reshape(()) for k in keys])
+    stacked = torch.stack([values[k].detach().double().reshape(()) for k in keys])
     stacked = all_reduce_sum(stacked) / get_world_size()
     return dict(zip(keys, stacked.tolist(), strict=True))
 
@@ -214,3 +214,24 @@ def average_buffers(module: torch.nn.Module) -> None:
     for b in buffers:
         b.copy_(flat[offset : offset + b.numel()].view_as(b))
         offset += b.numel()
+
+
+def broadcast_module_state(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank ``src``'s parameters and buffers, one collective per dtype.
+
+    What only ``src`` loaded (pretrained weights, frozen statistics) reaches the others
+    without every process reading or downloading the file, and independently of whether
+    this torch's DDP syncs buffers when it is built.
+    """
+    if get_world_size() == 1:
+        return
+    tensors = [*module.parameters(), *module.buffers()]
+    for dtype in sorted({t.dtype for t in tensors}, key=str):
+        same = [t for t in tensors if t.dtype == dtype]
+        flat = torch.cat([t.detach().reshape(-1) for t in same])
+        dist.broadcast(flat, src=src)
+        offset = 0
+        with torch.no_grad():
+            for t in same:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()

@@ -80,13 +80,16 @@ def test_missing_data_is_a_one_line_error(tmp_path):
 @pytest.mark.slow
 def test_nproc_launches_workers_through_torchrun(tiny_shapes, tmp_path):
     run = tmp_path / "run"
-    proc = megdet(
-        "train", "--config", "instant_test", "--nproc", 2, "--out", run,
-        *instant_overrides(tiny_shapes), "train.max_iter=3",
-    )  # fmt: skip
+    # num_images is only for planning without the data: with the JSON here, both ignore it.
+    overrides = [*instant_overrides(tiny_shapes), "train.max_iter=3", "data.train.num_images=999"]
+    proc = megdet("train", "--config", "instant_test", "--nproc", 2, "--out", run, *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     plan = json.loads((run / "plan.json").read_text())
     assert (plan["world_size"], plan["images_per_device"], plan["max_iter"]) == (2, 4, 3)
+    assert plan["num_train_images"] == 16
+    planned = megdet("plan", "--config", "instant_test", *overrides, "--nproc", 2, "--json")
+    assert planned.returncode == 0, planned.stderr[-3000:]
+    assert json.loads(planned.stdout) == plan  # `megdet plan` shows what training does
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["iteration"] == 3
     bad = megdet("train", "--config", "instant_test", "--nproc", 2, "model.norm=batch")
     assert bad.returncode == 2

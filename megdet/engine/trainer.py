@@ -7,6 +7,7 @@ averages gradients over processes, so every step uses the mean over the whole gl
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -34,6 +35,8 @@ from megdet.solver import build_optimizer, lr_at, set_lr
 from megdet.tasks.detection.task import DetectionTask
 
 log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}  # train.dtype
 
 
 @dataclass
@@ -77,11 +80,16 @@ def train(
         # turning it on changes nothing else.
         alone = dist.own_group([[rank] for rank in range(ctx.world_size)])
         norm = norm_layer("cgbn", alone)
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = task.build_model(norm=norm).to(ctx.device)
+    # A resumed run loads its checkpoint, a fresh one the pretrained backbone (rank 0 only: the
+    # others receive the weights); the same initial weights on every rank either way.
+    found = _find_checkpoint(run_dir, ctx) if resume else None
+    torch.manual_seed(cfg.train.seed)
+    model = _agreed(lambda: task.build_model(norm=norm, pretrained=ctx.is_main and not found))
+    model = model.to(ctx.device, DTYPES[cfg.train.dtype])
+    dist.broadcast_module_state(model)
     optimizer = build_optimizer(model, cfg.solver, plan.lr)
-    start_iter = _resume(run_dir, model, optimizer, plan, ctx) if resume else 0
-    ddp = DistributedDataParallel(model) if ctx.world_size > 1 else model
+    start_iter = _restore(found, run_dir, model, optimizer, plan, ctx) if found else 0
+    ddp = _data_parallel(model) if ctx.world_size > 1 else model
 
     sampler = GlobalShuffleSampler(
         task.num_train_images,
@@ -112,12 +120,12 @@ def train(
     for iteration, batch in enumerate(loader, start=start_iter):
         lr = lr_at(plan, iteration)
         set_lr(optimizer, lr)
-        images, targets = task.to_device(batch, ctx.device)
+        images, targets = task.to_device(batch, ctx.device, DTYPES[cfg.train.dtype])
         task.begin_step(model, targets)
-        losses = ddp(images, targets)
+        losses = task.global_batch_losses(model, ddp(images, targets))
         loss = sum(losses.values())
         # The mean loss over all processes, all-reduced while backward runs.
-        health = torch.stack([loss.detach().float(), (~torch.isfinite(loss)).float()])
+        health = torch.stack([loss.detach().double(), (~torch.isfinite(loss)).double()])
         health_work = dist.all_reduce_sum_async(health)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -171,14 +179,42 @@ def _stop_if_diverged(health, work, model, losses, iteration, lr, cfg, run_dir, 
     )
 
 
-def _resume(run_dir: Path, model, optimizer, plan: Plan, ctx) -> int:
-    """Load the newest complete checkpoint into ``model`` and ``optimizer``; return the
-    iteration to continue from (0 without a checkpoint). Rank 0 reads, every rank receives."""
+def _data_parallel(model: torch.nn.Module) -> DistributedDataParallel:
+    """DDP without copying rank 0's buffers into every process at each forward (DDP's
+    default): per-process BN and CGBN with several groups keep their own running statistics,
+    averaged over all processes before evaluating and saving (detectron2 does the same)."""
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        return DistributedDataParallel(model, forward_sync_buffers=False)  # torch >= 2.14
+    return DistributedDataParallel(model, broadcast_buffers=False)
+
+
+def _agreed(build):
+    """``build()`` on every rank; a failure on any rank is raised on all of them, so that no
+    rank is left waiting for the others in the next collective."""
+    result, problem = None, None
+    try:
+        result = build()
+    except MegdetError as exc:
+        problem = str(exc)
+    problems = [p for p in dist.all_gather_object(problem) if p]
+    if problems:
+        raise MegdetError(problems[0])
+    return result
+
+
+def _find_checkpoint(run_dir: Path, ctx):
+    """The newest complete checkpoint in ``run_dir`` as ``(state, path)``, or None. Rank 0
+    reads, every rank receives."""
     found = newest_checkpoint(run_dir / "checkpoints") if ctx.is_main else None
     found = dist.broadcast_object(found)
     if found is None:
         log.info("resume: no checkpoint in %s/checkpoints, starting from iteration 0", run_dir)
-        return 0
+    return found
+
+
+def _restore(found, run_dir: Path, model, optimizer, plan: Plan, ctx) -> int:
+    """Load a checkpoint found by ``_find_checkpoint`` into ``model`` and ``optimizer``; return
+    the iteration to continue from."""
     state, path = found
     saved = state["plan"]
     for key in ("global_batch", "iters_per_epoch"):  # max_iter may grow: a longer run

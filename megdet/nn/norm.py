@@ -10,6 +10,7 @@ import functools
 import math
 from collections.abc import Callable
 
+import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
@@ -43,3 +44,27 @@ def norm_layer(
         return _NORMS[name]
     except KeyError:
         raise ValueError(f"unknown norm '{name}' (choose from cgbn, {', '.join(_NORMS)})") from None
+
+
+def freeze_batchnorm(module: nn.Module) -> nn.Module:
+    """``module`` with every BatchNorm (plain, sync or cross-GPU) replaced by a
+    ``FrozenBatchNorm2d`` holding its affine parameters and running statistics.
+
+    A frozen stage must normalize with fixed statistics: a BN layer whose parameters merely
+    stop learning still normalizes with batch statistics, moves its running statistics and,
+    as CGBN, communicates (detectron2's ``convert_frozen_batchnorm``). GroupNorm has no
+    statistics to freeze and is returned as is.
+    """
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
+        with torch.no_grad():
+            if module.affine:
+                frozen.weight.copy_(module.weight)
+                frozen.bias.copy_(module.bias)
+            if module.track_running_stats:
+                frozen.running_mean.copy_(module.running_mean)
+                frozen.running_var.copy_(module.running_var)
+        return frozen
+    for name, child in module.named_children():
+        module.add_module(name, freeze_batchnorm(child))
+    return module

@@ -11,13 +11,16 @@ from tests.distributed import run_in_processes
 C = 3
 # Uneven on purpose: images and H x W differ per rank, and rank 1 has no image at all.
 SHAPES = [(3, 5, 4), (0, 5, 4), (2, 3, 6), (1, 4, 4)]
+# Every rank with images: a rank's own sums are then never the group's (with an empty rank 1,
+# two processes would pass without any reduction in backward).
+FULL_SHAPES = [(3, 5, 4), (2, 5, 4), (2, 3, 6), (1, 4, 4)]
 
 
-def _inputs(world, dtype, mean=0.0, std=1.0):
+def _inputs(world, dtype, mean=0.0, std=1.0, shapes=SHAPES):
     """Every rank's input and upstream gradient; the same on all ranks (shared seed)."""
     g = torch.Generator().manual_seed(world)
     xs = [torch.randn(n, C, h, w, generator=g, dtype=torch.float64) * std + mean
-          for n, h, w in SHAPES[:world]]  # fmt: skip
+          for n, h, w in shapes[:world]]  # fmt: skip
     dys = [torch.randn(x.shape, generator=g, dtype=torch.float64) for x in xs]
     weight = torch.rand(C, generator=g, dtype=torch.float64) + 0.5
     bias = torch.randn(C, generator=g, dtype=torch.float64)
@@ -84,15 +87,16 @@ def _assert_close(ours, ref, dtype):
 def _numerics_worker(rank, world):
     results = {}
     for dtype in (torch.float64, torch.float32):
-        xs, dys, weight, bias = _inputs(world, dtype)
-        ref = _reference(xs, dys, weight, bias)
-        ref_local = {**ref, "y": ref["y"][rank], "dx": ref["dx"][rank]}
-        for two_pass in (False, True):
-            ours = _run_cgbn(rank, xs[rank], dys[rank], weight, bias, two_pass=two_pass)
-            _assert_close(ours, ref_local, dtype)
-        # NHWC activations (model.channels_last) take the same arithmetic.
-        nhwc = [t.contiguous(memory_format=torch.channels_last) for t in (xs[rank], dys[rank])]
-        _assert_close(_run_cgbn(rank, *nhwc, weight, bias), ref_local, dtype)
+        for shapes in (SHAPES, FULL_SHAPES):
+            xs, dys, weight, bias = _inputs(world, dtype, shapes=shapes)
+            ref = _reference(xs, dys, weight, bias)
+            ref_local = {**ref, "y": ref["y"][rank], "dx": ref["dx"][rank]}
+            for two_pass in (False, True):
+                ours = _run_cgbn(rank, xs[rank], dys[rank], weight, bias, two_pass=two_pass)
+                _assert_close(ours, ref_local, dtype)
+            # NHWC activations (model.channels_last) take the same arithmetic.
+            nhwc = [t.contiguous(memory_format=torch.channels_last) for t in (xs[rank], dys[rank])]
+            _assert_close(_run_cgbn(rank, *nhwc, weight, bias), ref_local, dtype)
         results[str(dtype)] = True
 
     # Large mean, small spread, float32: the variance must still be right (requirement 4).
@@ -167,28 +171,54 @@ def test_two_subgroups_of_two_equal_two_independent_references():
     assert run_in_processes(_subgroup_worker, 4) == [True] * 4
 
 
-def test_local_group_size_equals_batchnorm_chunk_by_chunk():
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_local_group_size_equals_batchnorm_chunk_by_chunk(layout):
+    """BN groups inside one process (model.bn_size below its images) against one float64
+    nn.BatchNorm2d per chunk: outputs, every gradient, running mean and variance."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, C, 5, 5, generator=g, dtype=torch.float64)
+    x = torch.randn(6, C, 5, 5, generator=g, dtype=torch.float64) * 2 + 3
+    x = x.contiguous(memory_format=layout)
     dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    weight = torch.rand(C, generator=g, dtype=torch.float64) + 0.5
+    bias = torch.randn(C, generator=g, dtype=torch.float64)
     bn = CrossGPUBatchNorm2d(C, local_group_size=2).double()
+    refs = [nn.BatchNorm2d(C, dtype=torch.float64) for _ in range(3)]
+    for module in (bn, *refs):
+        with torch.no_grad():
+            module.weight.copy_(weight)
+            module.bias.copy_(bias)
     xin = x.clone().requires_grad_()
-    bn(xin).backward(dy)
-    refs = [nn.BatchNorm2d(C, momentum=None, dtype=torch.float64) for _ in range(3)]
+    for _ in range(2):  # two steps: the running statistics' momentum is applied twice
+        y = bn(xin)
+    y.backward(dy)
     outs, grads = [], []
     for i, ref in enumerate(refs):
         part = x[2 * i : 2 * i + 2].clone().requires_grad_()
-        out = ref(part)
+        for _ in range(2):
+            out = ref(part)
         out.backward(dy[2 * i : 2 * i + 2])
         outs.append(out)
         grads.append(part.grad)
-    assert torch.allclose(xin.grad, torch.cat(grads), atol=1e-10)
-    assert torch.allclose(bn.weight.grad, sum(r.weight.grad for r in refs), atol=1e-10)
-    mean_of_groups = torch.stack([r.running_mean for r in refs]).mean(0)
-    expected = 0.9 * torch.zeros(C, dtype=torch.float64) + 0.1 * mean_of_groups
-    assert torch.allclose(bn.running_mean, expected, atol=1e-12)
+
+    def close(a, b):
+        return (a - b).abs().max().item() < 1e-10
+
+    assert close(y, torch.cat(outs)) and close(xin.grad, torch.cat(grads))
+    assert close(bn.weight.grad, sum(r.weight.grad for r in refs))
+    assert close(bn.bias.grad, sum(r.bias.grad for r in refs))
+    # The running statistics are the mean of every chunk's own (unbiased variance, as BN).
+    assert close(bn.running_mean, torch.stack([r.running_mean for r in refs]).mean(0))
+    assert close(bn.running_var, torch.stack([r.running_var for r in refs]).mean(0))
+    assert int(bn.num_batches_tracked) == 2
+    bn.eval()
+    for ref in refs:
+        ref.eval()
+    # Evaluation normalizes with the averaged running statistics.
+    averaged = nn.BatchNorm2d(C, dtype=torch.float64).eval()
+    averaged.load_state_dict(bn.state_dict())
+    assert close(bn(x), averaged(x))
     with pytest.raises(ValueError, match="does not split into BN groups of 4"):
-        CrossGPUBatchNorm2d(C, local_group_size=4)(x)
+        CrossGPUBatchNorm2d(C, local_group_size=4).train()(x)
 
 
 def test_output_is_not_a_view_so_inplace_relu_works():

@@ -17,7 +17,7 @@ def _batch(root, n=2):
 
 @pytest.mark.parametrize("norm", ["bn", "gn", "frozen"])
 def test_tiny_detector_trains_and_predicts_with_each_norm(tiny_shapes, norm):
-    cfg = load_config("instant_test", [f"model.norm={norm}"]).model
+    cfg = load_config("instant_test", [f"model.norm={norm}", "model.backbone_weights=none"]).model
     torch.manual_seed(0)
     model = build_detector(cfg, num_classes=3)
     expected = {"bn": nn.BatchNorm2d, "gn": nn.GroupNorm, "frozen": FrozenBatchNorm2d}[norm]

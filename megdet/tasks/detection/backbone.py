@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
+from urllib.error import URLError
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
-from torchvision.models import resnet
+from torchvision.models import get_model_weights, resnet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from megdet.config import ModelConfig
 from megdet.errors import ConfigError
+from megdet.nn import freeze_batchnorm
 from megdet.nn.recompute import checkpoint_module
 
 log = logging.getLogger(__name__)
@@ -66,24 +70,31 @@ class TinyResNet(nn.Module):
         return x
 
 
-def build_backbone(cfg: ModelConfig, norm: Callable[[int], nn.Module]) -> BackboneWithFPN:
-    """Backbone + FPN returning P2..P5 (names '0'..'3') and P6 ('pool'), normalized by ``norm``."""
+def build_backbone(
+    cfg: ModelConfig, norm: Callable[[int], nn.Module], pretrained: bool = False
+) -> BackboneWithFPN:
+    """Backbone + FPN returning P2..P5 (names '0'..'3') and P6 ('pool'), normalized by ``norm``.
+
+    ``pretrained`` loads ``model.backbone_weights`` first (a fresh training run; evaluation
+    and resume load a checkpoint instead). Frozen stages are then turned into fixed layers.
+    """
     if cfg.backbone == "tiny":
         body = TinyResNet(norm)
         widths = list(body.widths)
-        stem = [body.stem]
+        stem = ["stem"]
     else:
         body = getattr(resnet, cfg.backbone)(weights=None, norm_layer=norm)
         expansion = 4 if cfg.backbone == "resnet50" else 1
         widths = [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
-        stem = [body.conv1, body.bn1]
-    if cfg.backbone_weights:
-        _load_weights(body, cfg.backbone_weights)
+        stem = ["conv1", "bn1"]
+    if pretrained and cfg.backbone_weights not in ("", "none"):
+        _load_weights(body, cfg.backbone, cfg.backbone_weights)
     # detectron2's FREEZE_AT: 1 freezes the stem, 2 the stem and res2, ...
-    stages = [stem, *([getattr(body, name)] for name in STAGES)]
-    for group in stages[: cfg.frozen_stages]:
-        for module in group:
-            module.requires_grad_(False)
+    stages = [stem, *([name] for name in STAGES)]
+    for names in stages[: cfg.frozen_stages]:
+        for name in names:
+            module = getattr(body, name).requires_grad_(False)
+            setattr(body, name, freeze_batchnorm(module))
     return BackboneWithFPN(
         body,
         return_layers={name: str(i) for i, name in enumerate(STAGES)},
@@ -114,20 +125,53 @@ def apply_checkpointing(backbone: BackboneWithFPN, mode: str) -> list[str]:
     return names
 
 
-def _load_weights(body: nn.Module, path: str) -> None:
-    """Load a local ImageNet state_dict (e.g. torchvision's resnet50 file); fc is ignored."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ConfigError(f"model.backbone_weights: file not found: {path}") from None
-    except Exception as exc:
-        raise ConfigError(f"model.backbone_weights: cannot load {path} ({exc})") from None
+def _load_weights(body: nn.Module, backbone: str, source: str) -> None:
+    """ImageNet weights into the ResNet ``body``: torchvision's own (``imagenet``, through the
+    torch hub cache) or a local state_dict file of that ResNet; the classifier is ignored."""
+    if source == "imagenet":
+        state, source = _imagenet_state_dict(backbone)
+    else:
+        try:
+            state = torch.load(source, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise ConfigError(f"model.backbone_weights: file not found: {source}") from None
+        except Exception as exc:
+            raise ConfigError(f"model.backbone_weights: cannot load {source} ({exc})") from None
+        if not isinstance(state, dict):
+            raise ConfigError(f"model.backbone_weights: {source} does not hold a state_dict")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = body.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    try:
+        missing, unexpected = body.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes of another ResNet
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise ConfigError(
+            f"model.backbone_weights: {source} does not fit model.backbone={backbone} ({first})"
+        ) from None
+    missing = [k for k in missing if not k.startswith("fc.") and "num_batches_tracked" not in k]
     if missing or unexpected:
         raise ConfigError(
-            f"model.backbone_weights: {path} does not fit model.backbone "
+            f"model.backbone_weights: {source} does not fit model.backbone={backbone} "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    log.info("loaded backbone weights from %s", path)
+    log.info("loaded backbone weights from %s", source)
+
+
+def _imagenet_state_dict(backbone: str) -> tuple[dict, str]:
+    """torchvision's ImageNet weights (IMAGENET1K_V1, as its detection models use), from the
+    torch hub cache, downloading them once where there is internet."""
+    weights = get_model_weights(backbone).IMAGENET1K_V1
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+    try:
+        state = weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
+    except (OSError, URLError) as exc:  # no internet: URLError is an OSError too
+        reason = getattr(exc, "reason", exc)
+        raise ConfigError(
+            f"model.backbone_weights: imagenet: cannot download {weights.url} ({reason}); "
+            f"put that file at {cached}, or pass a local copy: model.backbone_weights=PATH"
+        ) from None
+    except Exception as exc:  # a damaged file in the cache
+        raise ConfigError(
+            f"model.backbone_weights: imagenet: cannot read {cached} ({exc}); delete it to "
+            "download it again"
+        ) from None
+    return state, str(cached)

@@ -48,9 +48,10 @@ def predict(
     category_ids = dataset.index.category_ids
     was_training = model.training
     model.eval()
+    dtype = next(model.parameters()).dtype  # train.dtype
     results = []
     for images, targets in loader:
-        outputs = model([image.to(device, non_blocking=True) for image in images])
+        outputs = model([image.to(device, dtype, non_blocking=True) for image in images])
         for output, target in zip(outputs, targets, strict=True):
             boxes = output["boxes"].cpu()
             boxes[:, 2:] -= boxes[:, :2]  # xyxy -> xywh

@@ -36,15 +36,19 @@ def anchor_sizes(cfg: ModelConfig) -> list[int]:
 
 
 def build_detector(
-    cfg: ModelConfig, num_classes: int, norm: Callable[[int], nn.Module] | None = None
+    cfg: ModelConfig,
+    num_classes: int,
+    norm: Callable[[int], nn.Module] | None = None,
+    pretrained: bool = False,
 ) -> FasterRCNN:
     """Faster R-CNN + FPN (P2..P6) for ``num_classes`` object classes plus background.
 
     ``norm`` builds every normalization layer; by default ``model.norm`` without a process
     group (CGBN then pools over the default group; the trainer passes its BN groups).
+    ``pretrained`` loads ``model.backbone_weights`` into the backbone.
     """
     norm = norm or norm_layer(cfg.norm)
-    backbone = build_backbone(cfg, norm)
+    backbone = build_backbone(cfg, norm, pretrained)
     anchors = AnchorGenerator(
         sizes=tuple((size,) for size in anchor_sizes(cfg)),
         aspect_ratios=(ASPECT_RATIOS,) * 5,
@@ -82,10 +86,23 @@ def build_detector(
         box_score_thresh=cfg.box_score_thresh,
         box_detections_per_img=cfg.box_detections_per_img,
     )
+    _objectness_targets_in_anchor_dtype(model.rpn)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
         model.backbone.register_forward_pre_hook(_images_to_channels_last)
     return model
+
+
+def _objectness_targets_in_anchor_dtype(rpn: nn.Module) -> None:
+    """torchvision makes the RPN's objectness targets float32, which makes the objectness loss
+    of a float64 model (train.dtype) a float32 number; give them the anchors' dtype."""
+    assign = rpn.assign_targets_to_anchors
+
+    def assign_in_anchor_dtype(anchors, targets):
+        labels, matched_boxes = assign(anchors, targets)
+        return [lab.to(a.dtype) for lab, a in zip(labels, anchors, strict=True)], matched_boxes
+
+    rpn.assign_targets_to_anchors = assign_in_anchor_dtype
 
 
 def _images_to_channels_last(module: nn.Module, args: tuple) -> tuple:

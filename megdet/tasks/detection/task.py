@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from megdet import dist
 from megdet.config import Config
 from megdet.data.check import CheckReport, check_image_files
 from megdet.data.coco import CocoDetection, CocoIndex, read_coco
@@ -16,6 +18,8 @@ from megdet.tasks.detection.backbone import apply_checkpointing
 from megdet.tasks.detection.evaluation import evaluate_distributed, format_metrics
 from megdet.tasks.detection.model import build_detector
 from megdet.tasks.detection.sampling import SeededPositiveNegativeSampler
+
+log = logging.getLogger(__name__)
 
 
 class DetectionTask:
@@ -36,13 +40,30 @@ class DetectionTask:
 
     @property
     def num_train_images(self) -> int:
-        return len(self.train_index.images)
+        """What the plan divides into epochs: the training JSON's images, as training reads
+        them; ``data.train.num_images`` only where the JSON is not on this machine."""
+        return self._train_count("num_images", lambda index: len(index.images))
+
+    @property
+    def num_classes(self) -> int:
+        return self._train_count("num_classes", lambda index: index.num_classes)
+
+    def _train_count(self, key: str, count) -> int:
+        declared = getattr(self.cfg.data.train, key)
+        if declared is not None and not Path(self.cfg.data.train.json).is_file():
+            return declared
+        actual = count(self.train_index)
+        if declared is not None and declared != actual:
+            log.warning(
+                "data.train.%s=%d ignored: %s has %d", key, declared, self.train_index.path, actual
+            )
+        return actual
 
     def estimate_memory(self):
         """Memory per process for this detector at its image size (``memory.py``)."""
         from megdet.tasks.detection.memory import estimate_memory
 
-        return estimate_memory(self.cfg, self.train_index.num_classes)
+        return estimate_memory(self.cfg, self.num_classes)
 
     def train_group_ids(self) -> list[int] | None:
         """Aspect-ratio groups of the training images (0 landscape or square, 1 portrait)."""
@@ -50,11 +71,12 @@ class DetectionTask:
             return None
         return [int(im["height"] > im["width"]) for im in self.train_index.images]
 
-    def build_model(self, split: str = "train", norm=None) -> nn.Module:
+    def build_model(self, split: str = "train", norm=None, pretrained: bool = False) -> nn.Module:
         """The detector, with as many classes as ``split``'s annotation file has categories;
-        ``norm`` overrides the normalization constructor (CGBN with its process group)."""
+        ``norm`` overrides the normalization constructor (CGBN with its process group);
+        ``pretrained`` loads ``model.backbone_weights`` (a fresh run, not a resumed one)."""
         index = self.train_index if split == "train" else self.val_index
-        model = build_detector(self.cfg.model, index.num_classes, norm)
+        model = build_detector(self.cfg.model, index.num_classes, norm, pretrained)
         apply_checkpointing(model.backbone, self.cfg.train.checkpointing)
         seed, cfg = self.cfg.train.seed, self.cfg.model
         model.rpn.fg_bg_sampler = SeededPositiveNegativeSampler(
@@ -112,14 +134,40 @@ class DetectionTask:
         )
 
     @staticmethod
-    def to_device(batch, device: torch.device):
+    def to_device(batch, device: torch.device, dtype: torch.dtype = torch.float32):
+        """Images and boxes in the model's ``dtype`` (train.dtype), on ``device``."""
         images, targets = batch
-        images = [image.to(device, non_blocking=True) for image in images]
+        images = [image.to(device, dtype, non_blocking=True) for image in images]
         targets = [
-            {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+            {k: _to(v, device, dtype) if torch.is_tensor(v) else v for k, v in t.items()}
             for t in targets
         ]
         return images, targets
+
+    @staticmethod
+    def global_batch_losses(model: nn.Module, losses: dict[str, torch.Tensor]) -> dict:
+        """Make the step the mean over the global batch's sampled anchors and RoIs.
+
+        torchvision divides each process's RPN and box-head losses by that process's own
+        sample count; when processes sample different numbers (few proposals, few negatives),
+        DDP's average of those means is not the mean over the whole batch that Goyal et al.'s
+        rule asks for (1/kn times the sum). Weighting each process's terms by its share of the
+        global count, times the number of processes that DDP divides by, makes it so, at the
+        cost of one all-reduce of two numbers per step.
+        """
+        world = dist.get_world_size()
+        if world == 1:
+            return losses
+        counts = torch.tensor(
+            [sum(model.rpn.fg_bg_sampler.last_counts[:2]),
+             sum(model.roi_heads.fg_bg_sampler.last_counts[:2])],
+            dtype=torch.float64,
+        )  # fmt: skip
+        totals = dist.all_reduce_sum(counts.clone())
+        rpn, roi = (counts * world / totals.clamp(min=1)).tolist()
+        share = {"loss_objectness": rpn, "loss_rpn_box_reg": rpn}
+        share |= {"loss_classifier": roi, "loss_box_reg": roi}
+        return {name: value * share[name] for name, value in losses.items()}
 
     def evaluate(self, model: nn.Module, device: torch.device, out_dir: Path | None) -> dict:
         dataset = CocoDetection(self.val_index, self.cfg.data.val.images)
@@ -134,6 +182,12 @@ class DetectionTask:
         )
 
     format_metrics = staticmethod(format_metrics)
+
+
+def _to(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if tensor.is_floating_point():
+        return tensor.to(device, dtype, non_blocking=True)
+    return tensor.to(device, non_blocking=True)
 
 
 def _required(path: str, key: str) -> str:
