@@ -9,7 +9,9 @@ This sampler draws each image's choice from a generator seeded by ``(seed, epoch
 from __future__ import annotations
 
 import torch
+from torch import nn
 
+from megdet import dist
 from megdet.data.sampler import image_seed
 
 
@@ -51,3 +53,33 @@ class SeededPositiveNegativeSampler:
             total_pos, total_neg = total_pos + num_pos, total_neg + num_neg
         self.last_counts = (total_pos, total_neg, len(matched_idxs))
         return positives, negatives
+
+
+class GlobalSampleCounts:
+    """The global batch's sampled anchors and RoIs, summed over processes while the box head
+    runs: started by a forward pre-hook of the RoI pooler (both samplers have drawn by then),
+    awaited when the losses are weighted (``DetectionTask.global_batch_losses``)."""
+
+    def __init__(self, rpn: SeededPositiveNegativeSampler, roi: SeededPositiveNegativeSampler):
+        self.samplers = (rpn, roi)
+        self._pending = None
+
+    def start(self, module: nn.Module, args) -> None:
+        if not module.training or dist.get_world_size() == 1:
+            return
+        local = torch.tensor(
+            [float(sum(s.last_counts[:2])) for s in self.samplers], dtype=torch.float64
+        )
+        total = local.clone()
+        self._pending = (local, total, dist.all_reduce_sum_async(total))
+
+    def shares(self) -> tuple[float, float]:
+        """This process's share of the RPN's and the RoI heads' samples, times the number of
+        processes (DDP divides by it): 1.0 each when every process sampled as many."""
+        if self._pending is None:
+            raise RuntimeError("no sample counts in flight: was the box head run in training?")
+        local, total, work = self._pending
+        self._pending = None
+        work.wait()
+        rpn, roi = (local * dist.get_world_size() / total.clamp(min=1)).tolist()
+        return rpn, roi

@@ -17,7 +17,7 @@ from megdet.errors import ConfigError, DataError
 from megdet.tasks.detection.backbone import apply_checkpointing
 from megdet.tasks.detection.evaluation import evaluate_distributed, format_metrics
 from megdet.tasks.detection.model import build_detector
-from megdet.tasks.detection.sampling import SeededPositiveNegativeSampler
+from megdet.tasks.detection.sampling import GlobalSampleCounts, SeededPositiveNegativeSampler
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,10 @@ class DetectionTask:
         model.roi_heads.fg_bg_sampler = SeededPositiveNegativeSampler(
             cfg.roi_batch_per_image, cfg.roi_positive_fraction, seed, stream=1
         )
+        model.sample_counts = GlobalSampleCounts(
+            model.rpn.fg_bg_sampler, model.roi_heads.fg_bg_sampler
+        )
+        model.roi_heads.box_roi_pool.register_forward_pre_hook(model.sample_counts.start)
         return model
 
     @staticmethod
@@ -153,18 +157,11 @@ class DetectionTask:
         DDP's average of those means is not the mean over the whole batch that Goyal et al.'s
         rule asks for (1/kn times the sum). Weighting each process's terms by its share of the
         global count, times the number of processes that DDP divides by, makes it so, at the
-        cost of one all-reduce of two numbers per step.
+        cost of one all-reduce of two numbers per step, which runs while the box head does.
         """
-        world = dist.get_world_size()
-        if world == 1:
+        if dist.get_world_size() == 1:
             return losses
-        counts = torch.tensor(
-            [sum(model.rpn.fg_bg_sampler.last_counts[:2]),
-             sum(model.roi_heads.fg_bg_sampler.last_counts[:2])],
-            dtype=torch.float64,
-        )  # fmt: skip
-        totals = dist.all_reduce_sum(counts.clone())
-        rpn, roi = (counts * world / totals.clamp(min=1)).tolist()
+        rpn, roi = model.sample_counts.shares()
         share = {"loss_objectness": rpn, "loss_rpn_box_reg": rpn}
         share |= {"loss_classifier": roi, "loss_box_reg": roi}
         return {name: value * share[name] for name, value in losses.items()}
