@@ -44,3 +44,40 @@ def test_two_gloo_processes_train_to_identical_weights(tiny_shapes, tmp_path, no
     changed = [k for k, v in init.state_dict().items() if not torch.equal(first["weights"][k], v)]
     assert any("roi_heads" in k for k in changed) and any("backbone.body" in k for k in changed)
     assert (run_dir / "metrics.jsonl").read_text().count('"loss"') == 1  # log.period 10 > 4
+
+
+def _train_from_file(rank, world_size, root, run_dir, weights):
+    cfg = load_config(
+        "instant_test",
+        [*instant_overrides(root), "train.max_iter=2", "model.norm=cgbn",
+         f"model.backbone_weights={weights}", "model.frozen_stages=2"],
+    )  # fmt: skip
+    result = train(cfg, DetectionTask(cfg), run_dir, dist.init_distributed())
+    return result.model.backbone.body.state_dict()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_pretrained_backbone_read_by_rank_0_reaches_every_rank(tiny_shapes, tmp_path):
+    """Only rank 0 reads model.backbone_weights; the frozen stem and res2 of every rank end
+    with the file's weights and statistics, untouched by training."""
+    from megdet.nn import norm_layer
+    from megdet.tasks.detection.backbone import TinyResNet
+
+    torch.manual_seed(123)
+    pretrained = TinyResNet(norm_layer("bn"))
+    with torch.no_grad():
+        for name, buffer in pretrained.named_buffers():
+            if "running" in name:
+                buffer.uniform_(0.5, 1.5)
+    path = tmp_path / "tiny.pth"
+    torch.save(pretrained.state_dict(), path)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    ranks = run_in_processes(_train_from_file, 2, tiny_shapes, run_dir, path)
+    file = pretrained.state_dict()
+    frozen = [k for k in file if k.startswith(("stem.", "layer1.")) and "num_batches" not in k]
+    assert frozen
+    for body in ranks:
+        assert all(torch.equal(body[k], file[k]) for k in frozen)
+        assert not torch.equal(body["layer2.0.conv1.weight"], file["layer2.0.conv1.weight"])
