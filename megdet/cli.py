@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from megdet import dist
-from megdet.config import config_from_dict, load_config
+from megdet.config import config_from_dict, load_config, validate_initialization
 from megdet.errors import MegdetError
 from megdet.logs import setup_logging
 
@@ -39,8 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "nproc", 1) > 1 and args.command != "plan" and not _under_launcher():
             from megdet.launch import launch_local
 
-            if args.config:
-                load_config(args.config, args.overrides)  # config errors: once, before launch
+            if args.config:  # config errors: once, before launch
+                cfg = load_config(args.config, args.overrides)
+                if args.command == "train":
+                    validate_initialization(cfg)
             max_restarts = getattr(args, "max_restarts", 0)
             return launch_local(args.nproc, _without_launch_options(argv), max_restarts)
         return args.handler(args)
@@ -169,6 +171,7 @@ def _cmd_plan(args) -> int:
     from megdet.tasks.detection.task import DetectionTask
 
     cfg = load_config(args.config, args.overrides)
+    validate_initialization(cfg)
     task = DetectionTask(cfg)  # the counts and the memory estimate training uses
     memory = None
     if args.memory or cfg.train.images_per_device == "auto":
@@ -200,6 +203,7 @@ def _cmd_train(args) -> int:
     from megdet.tasks.detection.task import DetectionTask
 
     cfg = load_config(args.config, args.overrides)
+    validate_initialization(cfg)
     run_dir = args.out or Path("runs") / Path(args.config).stem
     if args.resume and args.overwrite:
         raise MegdetError("train: --resume and --overwrite contradict each other; pick one")

@@ -240,23 +240,24 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.epochs: must be > 0, got {cfg.train.epochs}")
     if not 0 <= cfg.model.frozen_stages <= 5:
         raise ConfigError(f"model.frozen_stages: must be 0..5, got {cfg.model.frozen_stages}")
-    _validate_backbone_weights(cfg.model)
+    if cfg.model.backbone_weights == "imagenet" and cfg.model.backbone == "tiny":
+        raise ConfigError(
+            "model.backbone_weights: there are no ImageNet weights for the tiny backbone; "
+            "use resnet18/resnet50, or none"
+        )
     if cfg.model.anchor_sizes is not None and len(cfg.model.anchor_sizes) != 5:
         raise ConfigError("model.anchor_sizes: needs 5 sizes, one per FPN level P2..P6")
     if cfg.solver.policy == "step" and cfg.train.epochs is None:
         raise ConfigError("train.epochs: required with solver.policy=step")
 
 
-def _validate_backbone_weights(model: ModelConfig) -> None:
-    """Frozen statistics or frozen stages over random weights normalize and keep nothing
-    learned: almost always a forgotten ``model.backbone_weights``, so it has to be said."""
-    weights = model.backbone_weights
-    if weights == "imagenet" and model.backbone == "tiny":
-        raise ConfigError(
-            "model.backbone_weights: there are no ImageNet weights for the tiny backbone; "
-            "use resnet18/resnet50, or none"
-        )
-    if weights:
+def validate_initialization(cfg: Config) -> None:
+    """Before training (and planning it): frozen statistics or frozen stages over random
+    weights normalize and keep nothing learned, almost always a forgotten
+    ``model.backbone_weights``, so it has to be said. Evaluating a run's checkpoint needs no
+    such check: its weights come from the checkpoint."""
+    model = cfg.model
+    if model.backbone_weights:
         return
     frozen = []
     if model.norm == "frozen":

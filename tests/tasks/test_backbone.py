@@ -10,7 +10,7 @@ from torchvision.models import resnet18, resnet50
 from torchvision.ops import FrozenBatchNorm2d
 
 from megdet.cli import main
-from megdet.config import load_config
+from megdet.config import load_config, validate_initialization
 from megdet.errors import ConfigError
 from megdet.nn import CrossGPUBatchNorm2d, norm_layer
 from megdet.tasks.detection.backbone import build_backbone
@@ -104,10 +104,12 @@ def test_weights_of_another_depth_are_a_one_line_error(tmp_path):
     ],
 )
 def test_frozen_layers_over_random_weights_need_an_explicit_none(overrides, problem):
+    unset = load_config("coco_r50_fpn", ["model.backbone_weights=''", *overrides])
     with pytest.raises(ConfigError, match=problem):
-        load_config("coco_r50_fpn", ["model.backbone_weights=''", *overrides])
-    cfg = load_config("coco_r50_fpn", ["model.backbone_weights=none", *overrides])
-    assert cfg.model.backbone_weights == "none"
+        validate_initialization(unset)
+    validate_initialization(
+        load_config("coco_r50_fpn", ["model.backbone_weights=none", *overrides])
+    )
 
 
 def test_tiny_has_no_imagenet_weights():
@@ -115,11 +117,14 @@ def test_tiny_has_no_imagenet_weights():
         load_config("instant_test", ["model.backbone_weights=imagenet"])
 
 
-def test_refusal_reaches_the_user_as_one_line(capsys):
-    assert main(["plan", "--config", "instant_test", "model.norm=frozen"]) == 2
+@pytest.mark.parametrize("command", ["plan", "train"])
+def test_refusal_reaches_the_user_as_one_line(capsys, tmp_path, command):
+    out = ["--out", str(tmp_path / "run")] if command == "train" else []
+    assert main([command, "--config", "instant_test", "model.norm=frozen", *out]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("megdet: error: model.backbone_weights: not set, but model.norm=frozen")
     assert "\n" not in err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 @pytest.mark.parametrize("norm", ["cgbn", "bn", "gn"])
