@@ -130,6 +130,9 @@ class SolverConfig:
     gamma: float = 0.1
     # Policy "step" only: one factor per entry of steps (e.g. [0.1, 0.1, 0.5]); null: gamma.
     factors: list[float] | None = None
+    # Scale the gradients down to this global L2 norm when larger (detectron2's
+    # CLIP_GRADIENTS "norm", mmdetection's grad_clip); null: never.
+    clip_grad_norm: float | None = None
 
 
 @dataclass
@@ -226,6 +229,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"train.images_per_device: expected a positive number or auto, got {per_device!r}"
         )
+    if cfg.solver.clip_grad_norm is not None and cfg.solver.clip_grad_norm <= 0:
+        raise ConfigError(f"solver.clip_grad_norm: must be > 0, got {cfg.solver.clip_grad_norm}")
     if cfg.train.memory_budget_gb <= 0:
         raise ConfigError(f"train.memory_budget_gb: must be > 0, got {cfg.train.memory_budget_gb}")
     factors = cfg.solver.factors

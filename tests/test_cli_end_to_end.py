@@ -35,7 +35,7 @@ def test_instant_train_then_eval_through_the_cli(tmp_path):
     }  # fmt: skip
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     training = [r for r in records if "loss" in r]
-    assert {"iter", "epoch", "lr", "loss", "loss_classifier", "loss_box_reg"} <= set(training[0])
+    assert {"iter", "epoch", "lr", "loss", "loss_classifier", "grad_norm"} <= set(training[0])
     assert training[-1]["loss"] < training[0]["loss"]
     # MegDet Table 1 statistics: sampled positives/negatives per image in the RPN and RoI heads.
     for record in training:

@@ -129,7 +129,10 @@ def train(
         health_work = dist.all_reduce_sum_async(health)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        _stop_if_diverged(health, health_work, model, losses, iteration, lr, cfg, run_dir, ctx)
+        grad_norm = _stop_if_diverged(
+            health, health_work, model, losses, iteration, lr, cfg, run_dir, ctx
+        )
+        _clip_gradients(model, grad_norm, cfg.solver.clip_grad_norm)
         optimizer.step()
         events.step()
 
@@ -137,6 +140,7 @@ def train(
         if done % cfg.log.period == 0 or done == plan.max_iter:
             # One collective and one host sync per logged iteration, not per loss term.
             values = dist.reduce_mean_dict({**losses, "loss": loss, **task.step_statistics(model)})
+            values["grad_norm"] = grad_norm  # before clipping; the same on every rank
             values.update(task.batch_statistics(values, plan.global_batch))
             events.training(iteration, done / plan.iters_per_epoch, lr, values)
         if done == plan.max_iter:
@@ -155,8 +159,9 @@ def train(
     return TrainResult(model, plan, metrics)
 
 
-def _stop_if_diverged(health, work, model, losses, iteration, lr, cfg, run_dir, ctx) -> None:
-    """Raise on every process at the same iteration, before the step changes the weights.
+def _stop_if_diverged(health, work, model, losses, iteration, lr, cfg, run_dir, ctx) -> float:
+    """Raise on every process at the same iteration, before the step changes the weights;
+    otherwise return the gradient norm.
 
     The decision uses only numbers that are the same on every process: the all-reduced loss and
     the gradient norm after DDP averaged the gradients, so no process is left waiting."""
@@ -167,7 +172,7 @@ def _stop_if_diverged(health, work, model, losses, iteration, lr, cfg, run_dir, 
     grad_norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
     too_high = cfg.train.max_loss is not None and mean_loss > cfg.train.max_loss
     if not (nonfinite or too_high or not math.isfinite(grad_norm)):
-        return
+        return grad_norm
     terms = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
     limit = f" > train.max_loss {cfg.train.max_loss:g}" if too_high else ""
     last = run_dir / "checkpoints" / "last.pt"
@@ -177,6 +182,15 @@ def _stop_if_diverged(health, work, model, losses, iteration, lr, cfg, run_dir, 
         f"{mean_loss:.4g}{limit}, gradient norm {grad_norm:.4g} ({terms} on rank {ctx.rank}); "
         f"stopped before the update, {kept}; lower solver.base_lr or lengthen the warmup"
     )
+
+
+def _clip_gradients(model: torch.nn.Module, grad_norm: float, max_norm: float | None) -> None:
+    """Scale the gradients down to ``solver.clip_grad_norm`` when their norm (computed once, the
+    same on every process) is larger."""
+    if max_norm is None or grad_norm <= max_norm:
+        return
+    norm = torch.tensor(grad_norm, dtype=torch.float64)
+    torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, norm)
 
 
 def _data_parallel(model: torch.nn.Module) -> DistributedDataParallel:
