@@ -1,0 +1,126 @@
+"""What every study in ``experiments/`` shares: run rows of plain ``megdet train`` commands,
+each into its own run folder, and write their results as a markdown table.
+
+A row is a name and the overrides that make it; each (row, seed) is one run. A finished run
+(its ``eval/metrics.json`` or a recorded divergence is there) is not run again, so a study
+stopped halfway continues where it stopped. A run that diverges is a result: its iteration
+and lr are recorded from megdet's one-line message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DIVERGED = re.compile(r"training diverged at iteration (\d+) \(lr ([0-9.e+-]+)\)")
+
+
+@dataclass
+class Row:
+    name: str
+    overrides: list[str]
+
+
+def ensure_shapes(folder: Path, train: int, val: int, size: int) -> list[str]:
+    """Generate a shapes set once; the overrides that point a run at it."""
+    if not (folder / "annotations" / "instances_val.json").is_file():
+        subprocess.run(
+            [sys.executable, "-m", "megdet", "data", "shapes", "--out", str(folder),
+             "--train", str(train), "--val", str(val), "--size", str(size), "--seed", "0"],
+            check=True,
+        )  # fmt: skip
+    return [
+        f"data.train.json={folder}/annotations/instances_train.json",
+        f"data.train.images={folder}/train",
+        f"data.val.json={folder}/annotations/instances_val.json",
+        f"data.val.images={folder}/val",
+    ]
+
+
+def run(row: Row, seed: int, runs: Path, common: list[str], config: str = "default") -> dict:
+    """One training run (or its stored result); returns what the table needs."""
+    out = runs / f"{row.name}-s{seed}"
+    result_file = out / "study_result.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    command = [sys.executable, "-m", "megdet", "train", "--config", config, *common,
+               *row.overrides, f"train.seed={seed}", "log.tensorboard=false",
+               "--nproc", "2", "--out", str(out), "--overwrite"]  # fmt: skip
+    begin = time.perf_counter()
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    result = {"row": row.name, "seed": seed, "wall_s": round(time.perf_counter() - begin, 1)}
+    result["command"] = " ".join(command[1:])
+    diverged = DIVERGED.search(proc.stderr)
+    if diverged:
+        result["diverged"] = {"iteration": int(diverged[1]), "lr": float(diverged[2])}
+    elif proc.returncode:
+        raise SystemExit(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    result["mmAP_per_epoch"] = [round(100 * r["eval"]["mmAP"], 2) for r in records if "eval" in r]
+    plan = json.loads((out / "plan.json").read_text())
+    result["plan"] = {k: plan[k] for k in ("global_batch", "lr", "warmup_iters", "max_iter")}
+    if not diverged:
+        result["mmAP"] = result["mmAP_per_epoch"][-1]
+    out.mkdir(parents=True, exist_ok=True)
+    result_file.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def summarize(rows: list[Row], results: dict[str, list[dict]]) -> list[list[str]]:
+    """One table line per row: mean and spread of the final mmAP, and every divergence."""
+    lines = []
+    for row in rows:
+        done = results.get(row.name, [])
+        if not done:
+            continue
+        finals = [r["mmAP"] for r in done if "mmAP" in r]
+        diverged = [
+            "seed {seed}: iteration {iteration}, lr {lr:.3g}".format(
+                seed=r["seed"], **r["diverged"]
+            )
+            for r in done
+            if "diverged" in r
+        ]
+        plan = done[0]["plan"]
+        if len(finals) > 1:
+            mean = f"{statistics.mean(finals):.2f} ± {statistics.stdev(finals):.2f}"
+        else:
+            mean = f"{finals[0]:.2f}" if finals else "—"
+        lines.append([
+            row.name, str(plan["global_batch"]), f"{plan['lr']:.3g}", str(plan["warmup_iters"]),
+            str(plan["max_iter"]), mean, " / ".join(f"{f:.2f}" for f in finals) or "—",
+            "; ".join(diverged) or "none", " ".join(row.overrides) or "(preset)",
+        ])  # fmt: skip
+    return lines
+
+
+def write_table(path: Path, title: str, notes: str, rows: list[Row], results: dict) -> None:
+    header = ["row", "batch", "lr", "warmup it", "iterations", "final mmAP (mean ± sd)",
+              "per seed", "diverged", "overrides"]  # fmt: skip
+    table = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
+    table += [f"| {' | '.join(line)} |" for line in summarize(rows, results)]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()  # fmt: skip
+    text = (
+        f"# {title}\n\n{notes}\n\nCommand: `python {' '.join(sys.argv)}` at commit {commit} on "
+        f"{_cpu()} ({platform.python_version()}).\n\n" + "\n".join(table) + "\n"
+    )
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip() + f", {os.cpu_count()} CPUs"
+    return platform.machine()
