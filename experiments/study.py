@@ -114,6 +114,7 @@ def write_table(path: Path, title: str, notes: str, rows: list[Row], results: di
         f"# {title}\n\n{notes}\n\nCommand: `python {' '.join(sys.argv)}` at commit {commit} on "
         f"{_cpu()} ({platform.python_version()}).\n\n" + "\n".join(table) + "\n"
     )
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(path)
