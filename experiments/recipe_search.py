@@ -16,15 +16,22 @@ from study import ROOT, Row, ensure_shapes, run, write_table
 
 DATA = ROOT / "experiments" / "data" / "shapes64_8k"
 COMMON = ["model.min_size=64", "model.max_size=64"]
+B128 = ["train.batch_size=128"]
 ROWS = [
     Row("b16", ["train.batch_size=16"]),
     Row("b128", ["train.batch_size=128"]),
     Row("b128-warmup3", ["train.batch_size=128", "solver.warmup_epochs=3"]),
     Row("b128-clip10", ["train.batch_size=128", "solver.clip_grad_norm=10"]),
     Row("b128-lr0.02", ["train.batch_size=128", "solver.base_lr=0.02"]),
+    Row("b128-lr0.02-warmup3", [*B128, "solver.base_lr=0.02", "solver.warmup_epochs=3"]),
+    # Second round, after the first: warmup 3 epochs converged, clipping at 10 (b16's gradient
+    # norm is ~1) let the loss explode to 2782 and the network die (gradient norm 0.01).
+    Row("b128-warmup5", [*B128, "solver.warmup_epochs=5"]),
+    Row("b128-clip1", [*B128, "solver.clip_grad_norm=1"]),
+    Row("b128-warmup3-clip1", [*B128, "solver.warmup_epochs=3", "solver.clip_grad_norm=1"]),
     Row(
-        "b128-lr0.02-warmup3",
-        ["train.batch_size=128", "solver.base_lr=0.02", "solver.warmup_epochs=3"],
+        "b128-warmup3-epochs14",
+        [*B128, "solver.warmup_epochs=3", "train.epochs=14", "solver.steps=[12]"],
     ),  # fmt: skip
 ]
 
