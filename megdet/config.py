@@ -64,7 +64,8 @@ class ModelConfig:
     box_head_convs: int = 4  # conv layers of the box head when norm_scope is "all"
     # imagenet (torchvision's ImageNet weights for model.backbone, through the torch hub
     # cache), a local torchvision ResNet state_dict file, or none (random initialization on
-    # purpose). Unset: random, refused under frozen norm or frozen stages (see validate).
+    # purpose). Unset: random, refused under frozen norm or frozen stages when training
+    # (validate_initialization).
     backbone_weights: str = ""
     # 1: stem, 2: stem and res2, ... Frozen stages keep their weights and normalize with
     # fixed statistics (FrozenBatchNorm2d), whatever model.norm is (detectron2's FREEZE_AT).

@@ -1,8 +1,8 @@
 """The training loop: fetch -> forward -> loss -> backward -> step -> schedule -> events.
 
-Synchronous data parallel (DDP): each process's loss is the mean over its own images and DDP
-averages gradients over processes, so every step uses the mean over the whole global batch
-(MegDet section 3.1, Goyal et al. section 2).
+Synchronous data parallel (DDP): each process's loss terms are weighted by its share of the
+global batch (``task.global_batch_losses``) and DDP averages gradients over processes, so every
+step uses the mean over the whole global batch (MegDet section 3.1, Goyal et al. section 2).
 """
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ from megdet.solver import build_optimizer, lr_at, set_lr
 from megdet.tasks.detection.task import DetectionTask
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}  # train.dtype
 
 
 @dataclass
@@ -85,7 +83,8 @@ def train(
     found = _find_checkpoint(run_dir, ctx) if resume else None
     torch.manual_seed(cfg.train.seed)
     model = _agreed(lambda: task.build_model(norm=norm, pretrained=ctx.is_main and not found))
-    model = model.to(ctx.device, DTYPES[cfg.train.dtype])
+    dtype = getattr(torch, cfg.train.dtype)  # float32, or float64 for numerical references
+    model = model.to(ctx.device, dtype)
     dist.broadcast_module_state(model)
     optimizer = build_optimizer(model, cfg.solver, plan.lr)
     start_iter = _restore(found, run_dir, model, optimizer, plan, ctx) if found else 0
@@ -120,7 +119,7 @@ def train(
     for iteration, batch in enumerate(loader, start=start_iter):
         lr = lr_at(plan, iteration)
         set_lr(optimizer, lr)
-        images, targets = task.to_device(batch, ctx.device, DTYPES[cfg.train.dtype])
+        images, targets = task.to_device(batch, ctx.device, dtype)
         task.begin_step(model, targets)
         losses = task.global_batch_losses(model, ddp(images, targets))
         loss = sum(losses.values())
