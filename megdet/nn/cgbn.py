@@ -310,16 +310,24 @@ def convert_to_cgbn(
             process_group,
             local_group_size,
         )
+        copy_batchnorm_state(module, new)
         with torch.no_grad():
-            if module.affine:
-                new.weight.copy_(module.weight)
-                new.bias.copy_(module.bias)
             if module.track_running_stats:
-                new.running_mean.copy_(module.running_mean)
-                new.running_var.copy_(module.running_var)
                 new.num_batches_tracked.copy_(module.num_batches_tracked)
         new.train(module.training)
         return new
     for name, child in module.named_children():
         module.add_module(name, convert_to_cgbn(child, process_group, local_group_size))
     return module
+
+
+def copy_batchnorm_state(source: nn.Module, target: nn.Module) -> None:
+    """Affine parameters and running statistics of BatchNorm ``source`` into ``target`` (a
+    BatchNorm of another kind: CGBN, FrozenBatchNorm2d)."""
+    with torch.no_grad():
+        if source.affine:
+            target.weight.copy_(source.weight)
+            target.bias.copy_(source.bias)
+        if source.track_running_stats:
+            target.running_mean.copy_(source.running_mean)
+            target.running_var.copy_(source.running_var)

@@ -10,11 +10,10 @@ import functools
 import math
 from collections.abc import Callable
 
-import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from megdet.nn.cgbn import CrossGPUBatchNorm2d
+from megdet.nn.cgbn import CrossGPUBatchNorm2d, copy_batchnorm_state
 
 
 def _group_norm(num_channels: int) -> nn.GroupNorm:
@@ -57,13 +56,7 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
     """
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
-        with torch.no_grad():
-            if module.affine:
-                frozen.weight.copy_(module.weight)
-                frozen.bias.copy_(module.bias)
-            if module.track_running_stats:
-                frozen.running_mean.copy_(module.running_mean)
-                frozen.running_var.copy_(module.running_var)
+        copy_batchnorm_state(module, frozen)
         return frozen
     for name, child in module.named_children():
         module.add_module(name, freeze_batchnorm(child))
