@@ -10,12 +10,8 @@ Runs go to ``experiments/runs/recipe_search/`` (not committed); the table to
 
 from __future__ import annotations
 
-import argparse
+from study import Row, main
 
-from study import ROOT, Row, ensure_shapes, run, write_table
-
-DATA = ROOT / "experiments" / "data" / "shapes64_8k"
-COMMON = ["model.min_size=64", "model.max_size=64"]
 B128 = ["train.batch_size=128"]
 ROWS = [
     Row("b16", ["train.batch_size=16"]),
@@ -42,30 +38,13 @@ ROWS = [
 ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", help="comma-separated row names (default: all)")
-    parser.add_argument("--seeds", default="0")
-    args = parser.parse_args()
-    rows = [r for r in ROWS if not args.rows or r.name in args.rows.split(",")]
-    common = COMMON + ensure_shapes(DATA, train=8000, val=500, size=64)
-    runs = ROOT / "experiments" / "runs" / "recipe_search"
-    results: dict[str, list[dict]] = {}
-    for row in rows:
-        for seed in (int(s) for s in args.seeds.split(",")):
-            result = run(row, seed, runs, common)
-            results.setdefault(row.name, []).append(result)
-            print(row.name, seed, result.get("mmAP", result.get("diverged")), flush=True)
-            write_table(
-                ROOT / "experiments" / "results" / "recipe_search.md",
-                "Recipe search: batch 128 vs batch 16 (issue 13, part 1)",
-                "Demo detector (`--config default`), 2 gloo processes, CGBN over both, 8,000 "
-                "shapes images at 64 px (val: 500), 7 epochs, mmAP on val after every epoch. "
-                "One candidate change per row.",
-                rows,
-                results,
-            )
-
-
 if __name__ == "__main__":
-    main()
+    main(
+        "recipe_search",
+        __doc__,
+        "Recipe search: batch 128 vs batch 16 (issue 13, part 1)",
+        "Demo detector (`--config default`), 2 gloo processes, CGBN over both, 8,000 shapes "
+        "images at 64 px (val: 500), 7 epochs, mmAP on val after every epoch. One candidate "
+        "change per row.",
+        ROWS,
+    )

@@ -9,6 +9,7 @@ and lr are recorded from megdet's one-line message.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -21,6 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# The studies' shapes set: 8,000 images at 64 px give batch 256 31 iterations an epoch.
+STUDY_DATA = ROOT / "experiments" / "data" / "shapes64_8k"
+STUDY_SIZE = ["model.min_size=64", "model.max_size=64"]
 DIVERGED = re.compile(r"training diverged at iteration (\d+) \(lr ([0-9.e+-]+)\)")
 
 
@@ -125,3 +129,23 @@ def _cpu() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip() + f", {os.cpu_count()} CPUs"
     return platform.machine()
+
+
+def main(name: str, doc: str, title: str, notes: str, rows: list[Row]) -> None:
+    """A study's command line: ``--rows`` and ``--seeds``; runs to ``experiments/runs/NAME``,
+    the table (rewritten after every run) to ``experiments/results/NAME.md``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--rows", help="comma-separated row names (default: all)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
+    args = parser.parse_args()
+    chosen = [r for r in rows if not args.rows or r.name in args.rows.split(",")]
+    common = STUDY_SIZE + ensure_shapes(STUDY_DATA, train=8000, val=500, size=64)
+    runs = ROOT / "experiments" / "runs" / name
+    results: dict[str, list[dict]] = {}
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for row in chosen:
+            result = run(row, seed, runs, common)
+            results.setdefault(row.name, []).append(result)
+            print(row.name, seed, result.get("mmAP", result.get("diverged")), flush=True)
+            table = ROOT / "experiments" / "results" / f"{name}.md"
+            write_table(table, title, notes, chosen, results)
