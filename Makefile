@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.megdet-installed
 SHAPES := data/shapes/annotations/instances_train.json
 
-.PHONY: install demo test lint format bench bench-roi clean
+.PHONY: install demo test lint format bench bench-roi device-wheels clean
 
 install: $(STAMP)
 
@@ -46,6 +46,12 @@ bench: $(STAMP)
 # The accuracy/speed study behind the demo's model.roi_batch_per_image (5 demo trainings).
 bench-roi: $(STAMP) $(SHAPES)
 	$(PY) bench/roi_batch_tradeoff.py --values 32,64,128,256,512 --record
+
+# What bench/device_suite.sh carries to the GPU machine (python 3.12, no registry there).
+device-wheels:
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl pycocotools==2.0.10 faster-coco-eval==1.8.0
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -38,7 +38,8 @@ SETUPS = {
 def reference_worker(data: Path, iters: int, warmup: int, preset: str, overrides: list[str]):
     """torchvision's reference recipe: DistributedSampler + (Grouped)BatchSampler, SGD with a
     LinearLR warmup stepped every iteration, losses all-reduced and read (``.item()``) every
-    iteration for the metric logger and the finite-loss check."""
+    iteration for the metric logger and the finite-loss check; with ``train.amp`` its
+    ``--amp``: autocast around the forward and a GradScaler (fp16 only)."""
     import torch
     import torch.distributed as dist
     from torch import nn
@@ -48,9 +49,10 @@ def reference_worker(data: Path, iters: int, warmup: int, preset: str, overrides
     from megdet.data.coco import CocoDetection, collate, read_coco
     from megdet.tasks.detection.model import build_detector
 
+    device = _device()
     distributed = "RANK" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
     if distributed:
-        dist.init_process_group("gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     world = dist.get_world_size() if distributed else 1
     cfg = _config(data, preset, [*overrides, "model.channels_last=false"])  # torchvision: NCHW
     batch = cfg.train.batch_size
@@ -58,7 +60,7 @@ def reference_worker(data: Path, iters: int, warmup: int, preset: str, overrides
     dataset = CocoDetection(index, cfg.data.train.images, hflip=True)
     torch.manual_seed(0)
     norm = {"bn": nn.BatchNorm2d, "frozen": FrozenBatchNorm2d}[cfg.model.norm]
-    model = build_detector(cfg.model, index.num_classes, norm)
+    model = build_detector(cfg.model, index.num_classes, norm).to(device)
     # torchvision's own pooler, with its RoIAlign kernels (megdet's has a faster CPU backward).
     pool = model.roi_heads.box_roi_pool
     model.roi_heads.box_roi_pool = MultiScaleRoIAlign(
@@ -66,15 +68,24 @@ def reference_worker(data: Path, iters: int, warmup: int, preset: str, overrides
     )
     if distributed:
         model = nn.parallel.DistributedDataParallel(model)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
     sampler = (
         DistributedSampler(dataset) if distributed else torch.utils.data.RandomSampler(dataset)
     )
     # Every image here is 128 x 128: one aspect-ratio group, where the reference's
     # GroupedBatchSampler yields what BatchSampler does.
     batches = BatchSampler(sampler, batch // world, drop_last=True)
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=0, collate_fn=collate)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=cfg.data.num_workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+    )
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=0.04, momentum=0.9, weight_decay=1e-4)
+    lr = cfg.solver.base_lr * batch / cfg.solver.base_batch  # the linear scaling rule, as megdet
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
     warmup_iters = min(1000, len(loader) - 1)
     scheduler = torch.optim.lr_scheduler.LinearLR(
         optimizer, start_factor=0.001, total_iters=warmup_iters
@@ -86,25 +97,56 @@ def reference_worker(data: Path, iters: int, warmup: int, preset: str, overrides
             sampler.set_epoch(epoch)
         for images, targets in loader:
             if done == warmup:
+                _synchronize(device)
                 start = time.perf_counter()
-            targets = [{k: v for k, v in t.items() if k in ("boxes", "labels")} for t in targets]
-            loss_dict = model(images, targets)
+            images = [image.to(device, non_blocking=True) for image in images]
+            targets = [{k: v.to(device) for k, v in t.items() if k in ("boxes", "labels")}
+                       for t in targets]  # fmt: skip
+            with torch.autocast(device.type, dtype=half, enabled=half is not None):
+                loss_dict = model(images, targets)
             losses = sum(loss_dict.values())
             reduced = _reduce_dict(loss_dict, world)
             loss_value = sum(reduced.values()).item()
             if not math.isfinite(loss_value):
                 raise SystemExit(f"Loss is {loss_value}, stopping training")
             optimizer.zero_grad()
-            losses.backward()
-            optimizer.step()
+            scaler.scale(losses).backward()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             _ = {k: v.item() for k, v in reduced.items()}  # the metric logger's update
             done += 1
             if done == iters:
                 break
         epoch += 1
+    _synchronize(device)
     seconds = time.perf_counter() - start
-    return {"images_per_s": batch * (iters - warmup) / seconds, "world": world}
+    return {"images_per_s": batch * (iters - warmup) / seconds, "world": world,
+            "peak_memory_gb": _peak_memory_gb(device)}  # fmt: skip
+
+
+def _device():
+    import torch
+
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
+
+
+def _synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory_gb(device) -> float | None:
+    """The allocator's peak on a GPU (weights, activations, gradients, optimizer state)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
 def _reduce_dict(values: dict, world: int) -> dict:
@@ -135,10 +177,12 @@ def megdet_worker(data: Path, iters: int, warmup: int, out: Path, preset: str, o
     timed = [r["time_per_iter"] for r in records if "time_per_iter" in r and r["iter"] > warmup]
     dist.shutdown()
     batch = cfg.train.batch_size
-    return {"images_per_s": batch / (sum(timed) / len(timed)), "world": ctx.world_size}
+    return {"images_per_s": batch / (sum(timed) / len(timed)), "world": ctx.world_size,
+            "peak_memory_gb": _peak_memory_gb(ctx.device)}  # fmt: skip
 
 
-def _run(loop, nproc, threads, data, iters, warmup, run, preset, overrides) -> float:
+def _run(loop, nproc, threads, data, iters, warmup, run, preset, overrides, full=False):
+    """One torchrun of ``loop``: its images/s (``full``: its whole result)."""
     out = Path(data) / f"run-{loop}-{nproc}-{threads}-{run}"
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -151,7 +195,8 @@ def _run(loop, nproc, threads, data, iters, warmup, run, preset, overrides) -> f
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise SystemExit(proc.stderr[-3000:])
-    return json.loads(lines[-1][7:])["images_per_s"]
+    result = json.loads(lines[-1][7:])
+    return result if full else result["images_per_s"]
 
 
 def _config(data: Path, preset: str, extra: list[str]):

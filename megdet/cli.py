@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     shapes.add_argument("--out", type=Path, required=True, help="output folder")
     shapes.add_argument("--train", type=int, required=True, help="number of training images")
     shapes.add_argument("--val", type=int, required=True, help="number of validation images")
-    shapes.add_argument("--size", type=int, default=128, help="image side in pixels")
+    shapes.add_argument("--size", type=int, default=128, help="image side (height) in pixels")
+    shapes.add_argument("--width", type=int, help="image width in pixels (default: --size)")
     shapes.add_argument("--seed", type=int, default=0)
     shapes.set_defaults(handler=_cmd_shapes)
     check = data_commands.add_parser("check", help="validate a COCO dataset, every problem at once")
@@ -155,9 +156,9 @@ def _cmd_data_check(args) -> int:
 def _cmd_shapes(args) -> int:
     from megdet.data.shapes import generate_shapes
 
-    if min(args.train, args.val) < 0 or args.size < 32:
-        raise MegdetError("data shapes: --train/--val must be >= 0 and --size >= 32")
-    written = generate_shapes(args.out, args.train, args.val, args.size, args.seed)
+    if min(args.train, args.val) < 0 or min(args.size, args.width or args.size) < 32:
+        raise MegdetError("data shapes: --train/--val must be >= 0, --size and --width >= 32")
+    written = generate_shapes(args.out, args.train, args.val, args.size, args.seed, args.width)
     for split, path in written.items():
         print(f"{split}: {path} (images in {args.out / split})")
     return 0

@@ -29,6 +29,7 @@ CHECKPOINTING = ("none", "stages", "blocks", "fpn", "stages+fpn", "blocks+fpn")
 WARMUPS = ("linear", "constant", "none")
 EVAL_BACKENDS = ("faster", "pycocotools")
 DTYPES = ("float32", "float64")
+AMPS = ("none", "bf16", "fp16")
 
 
 @dataclass
@@ -110,6 +111,9 @@ class TrainConfig:
     # float64: a numerical reference (world-size invariance tests, chasing a divergence),
     # several times slower; float32 otherwise.
     dtype: str = "float32"
+    # Mixed precision: none; bf16 (autocast); fp16 (autocast + loss scaling). Convolutions and
+    # matrix products in half precision; BN statistics, box coordinates and losses in float32.
+    amp: str = "none"
 
 
 @dataclass
@@ -199,6 +203,7 @@ def validate(cfg: Config) -> None:
         "train.checkpointing": (cfg.train.checkpointing, CHECKPOINTING),
         "eval.backend": (cfg.eval.backend, EVAL_BACKENDS),
         "train.dtype": (cfg.train.dtype, DTYPES),
+        "train.amp": (cfg.train.amp, AMPS),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -229,6 +234,11 @@ def validate(cfg: Config) -> None:
     ):
         raise ConfigError(
             f"train.images_per_device: expected a positive number or auto, got {per_device!r}"
+        )
+    if cfg.train.amp != "none" and cfg.train.dtype != "float32":
+        raise ConfigError(
+            f"train.amp: {cfg.train.amp} mixes half precision into a float32 model; with "
+            f"train.dtype={cfg.train.dtype} set train.amp=none"
         )
     if cfg.solver.clip_grad_norm is not None and cfg.solver.clip_grad_norm <= 0:
         raise ConfigError(f"solver.clip_grad_norm: must be > 0, got {cfg.solver.clip_grad_norm}")

@@ -30,7 +30,9 @@ class DistContext:
 
 
 def init_distributed(timeout_s: int = 600) -> DistContext:
-    """Join the process group torchrun prepared: NCCL on CUDA, gloo on CPU.
+    """Join the process group torchrun prepared: NCCL on CUDA, gloo on CPU and where several
+    processes share a GPU (NCCL needs one GPU per process; gloo runs CGBN's collectives
+    through host memory there: for tests and benchmarks, not for speed).
 
     Also splits this machine's CPU cores among its local processes; without that, every
     process starts one thread per core and they fight over the same cores.
@@ -42,7 +44,7 @@ def init_distributed(timeout_s: int = 600) -> DistContext:
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
-        backend = "nccl"
+        backend = "nccl" if local_world_size <= torch.cuda.device_count() else "gloo"
     else:
         device = torch.device("cpu")
         backend = "gloo"
@@ -140,12 +142,17 @@ def all_gather_tensor(tensor: torch.Tensor, group=None) -> torch.Tensor:
     if size == 1:
         return tensor[None]
     flat = tensor.reshape(-1).contiguous()
-    out = flat.new_empty(size * flat.numel())
-    if flat.is_cuda:
-        work = dist.all_gather_single(out, flat, group=group, async_op=True)
-    else:
-        work = dist.all_to_all_single(out, flat.repeat(size), group=group, async_op=True)
-    _wait(work, flat)
+    if flat.is_cuda and dist.get_backend(group) == "nccl":
+        # NCCL's all-gather (all_gather_single from torch 2.14 on, its new name).
+        out = flat.new_empty(size * flat.numel())
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        _wait(gather(out, flat, group=group, async_op=True), flat)
+    else:  # gloo; with processes sharing a GPU through host memory (no all-to-all on CUDA)
+        host = flat.cpu()
+        out = host.new_empty(size * host.numel())
+        work = dist.all_to_all_single(out, host.repeat(size), group=group, async_op=True)
+        _wait(work, host)
+        out = out.to(flat.device)
     return out.view(size, *tensor.shape)
 
 
@@ -192,7 +199,9 @@ def reduce_mean_dict(values: dict[str, torch.Tensor]) -> dict[str, float]:
     if not values:
         return {}
     keys = sorted(values)
-    stacked = torch.stack([values[k].detach().double().reshape(()) for k in keys])
+    # Losses live on the device, counters on the host; NCCL reduces device tensors only.
+    device = next((v.device for v in values.values() if v.device.type != "cpu"), "cpu")
+    stacked = torch.stack([values[k].detach().to(device, torch.float64).reshape(()) for k in keys])
     stacked = all_reduce_sum(stacked) / get_world_size()
     return dict(zip(keys, stacked.tolist(), strict=True))
 

@@ -1,10 +1,32 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from megdet.data.shapes import generate_shapes
+from tests.distributed import exact_cuda_kernels
 
 COCO128 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco128"
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="where tests marked 'device' put their tensors (bench/device_suite.sh: cuda)",
+    )
+
+
+@pytest.fixture(scope="session")
+def device(request) -> str:
+    """The device of the tests marked ``device``: CPU in ``make test``, CUDA in the device
+    suite, so the same numerics tests guard both paths."""
+    name = request.config.getoption("--device")
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.fail("--device cuda: torch sees no CUDA device here")
+    exact_cuda_kernels()
+    return name
 
 
 @pytest.fixture(scope="session")

@@ -48,6 +48,7 @@ def _worker(rank, fn, world_size, port, tmp, timeout_s, args):
         OMP_NUM_THREADS="1",
     )
     torch.set_num_threads(1)
+    exact_cuda_kernels()
     from megdet import dist
 
     dist.init_distributed(timeout_s=timeout_s)
@@ -56,3 +57,13 @@ def _worker(rank, fn, world_size, port, tmp, timeout_s, args):
     finally:
         dist.shutdown()
     torch.save(result, Path(tmp) / f"{rank}.pt")
+
+
+def exact_cuda_kernels() -> None:
+    """On a GPU, float32 tests compare runs to float32 tolerances: no TF32 (10-bit mantissa)
+    convolutions or matrix products, and deterministic cuDNN algorithms, so two runs of the
+    same computation give the same numbers as on a CPU."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False

@@ -22,9 +22,11 @@ MAX_OVERLAP = 0.4  # an object may hide at most this fraction of an earlier one
 
 
 def generate_shapes(
-    out: Path, num_train: int, num_val: int, size: int = 128, seed: int = 0
+    out: Path, num_train: int, num_val: int, size: int = 128, seed: int = 0, width: int | None = None
 ) -> dict[str, Path]:
-    """Write ``out/{train,val}/*.png`` and ``out/annotations/instances_{train,val}.json``."""
+    """Write ``out/{train,val}/*.png`` and ``out/annotations/instances_{train,val}.json``:
+    ``size`` x ``size`` images, or ``size`` high and ``width`` wide (COCO's 800 x 1333)."""
+    height, width = size, width or size
     out = Path(out)
     written = {}
     for split, count, offset in (("train", num_train, 0), ("val", num_val, 1_000_003)):
@@ -33,11 +35,11 @@ def generate_shapes(
         images, annotations = [], []
         for index in range(count):
             rng = np.random.default_rng([seed, offset + index])
-            pixels, objects = _draw_image(rng, size)
+            pixels, objects = _draw_image(rng, height, width)
             image_id = index + 1
             file_name = f"{split}_{image_id:06d}.png"
             Image.fromarray(pixels).save(out / split / file_name, optimize=False)
-            images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
+            images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
             for category_id, box, polygon, area in objects:
                 annotations.append(
                     {
@@ -65,8 +67,9 @@ def generate_shapes(
     return written
 
 
-def _draw_image(rng: np.random.Generator, size: int):
-    pixels = _background(rng, size)
+def _draw_image(rng: np.random.Generator, height: int, width: int):
+    pixels = _background(rng, height, width)
+    size = min(height, width)
     image = Image.fromarray(pixels)
     draw = ImageDraw.Draw(image)
     boxes: list[tuple[float, float, float, float]] = []
@@ -78,9 +81,9 @@ def _draw_image(rng: np.random.Generator, size: int):
         side = size * rng.uniform(0.1, 0.5)
         w = side * rng.uniform(0.6, 1.4)
         h = side * rng.uniform(0.6, 1.4)
-        w, h = min(w, size - 2.0), min(h, size - 2.0)
-        x0 = rng.uniform(0, size - w)
-        y0 = rng.uniform(0, size - h)
+        w, h = min(w, width - 2.0), min(h, height - 2.0)
+        x0 = rng.uniform(0, width - w)
+        y0 = rng.uniform(0, height - h)
         box = (x0, y0, x0 + w, y0 + h)
         if any(_hidden_fraction(old, box) > MAX_OVERLAP for old in boxes):
             continue
@@ -93,18 +96,18 @@ def _draw_image(rng: np.random.Generator, size: int):
         flat = [v for point in polygon for v in point]
         boxes.append(box)
         objects.append((CATEGORY_IDS[kind], tight, flat, _polygon_area(polygon)))
-    noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 6, (size, size, 3))
+    noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 6, (height, width, 3))
     return np.clip(noisy, 0, 255).astype(np.uint8), objects
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     base = rng.uniform(40, 215, 3)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     angle = rng.uniform(0, math.pi)
     period = rng.uniform(6, 40)
     stripes = np.sin((xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period)
     amplitude = rng.uniform(0, 30)
-    noise = rng.normal(0, rng.uniform(5, 20), (size, size, 3))
+    noise = rng.normal(0, rng.uniform(5, 20), (height, width, 3))
     pixels = base + amplitude * stripes[..., None] + noise
     return np.clip(pixels, 0, 255).astype(np.uint8)
 

@@ -21,6 +21,7 @@ from megdet import dist
 from megdet.config import Config, config_to_dict, dump_config
 from megdet.data.coco import collate
 from megdet.data.sampler import GlobalShuffleSampler
+from megdet.engine.amp import MixedPrecision
 from megdet.engine.checkpoint import (
     atomic_write_text,
     load_model_state,
@@ -87,7 +88,8 @@ def train(
     model = model.to(ctx.device, dtype)
     dist.broadcast_module_state(model)
     optimizer = build_optimizer(model, cfg.solver, plan.lr)
-    start_iter = _restore(found, run_dir, model, optimizer, plan, ctx) if found else 0
+    amp = MixedPrecision(cfg.train.amp, ctx.device)
+    start_iter = _restore(found, run_dir, model, optimizer, amp, plan, ctx) if found else 0
     ddp = _data_parallel(model) if ctx.world_size > 1 else model
 
     sampler = GlobalShuffleSampler(
@@ -121,46 +123,51 @@ def train(
         set_lr(optimizer, lr)
         images, targets = task.to_device(batch, ctx.device, dtype)
         task.begin_step(model, targets)
-        losses = task.global_batch_losses(model, ddp(images, targets))
+        with amp.autocast():
+            losses = task.global_batch_losses(model, ddp(images, targets))
         loss = sum(losses.values())
         # The mean loss over all processes, all-reduced while backward runs.
         health = torch.stack([loss.detach().double(), (~torch.isfinite(loss)).double()])
         health_work = dist.all_reduce_sum_async(health)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        amp.backward(loss, optimizer)
         grad_norm = _stop_if_diverged(
-            health, health_work, model, losses, iteration, lr, cfg, run_dir, ctx
+            health, health_work, model, losses, iteration, lr, cfg, run_dir, ctx, amp
         )
         _clip_gradients(model, grad_norm, cfg.solver.clip_grad_norm)
-        optimizer.step()
+        amp.step(optimizer, grad_norm)
         events.step()
 
         done = iteration + 1
         if done % cfg.log.period == 0 or done == plan.max_iter:
             # One collective and one host sync per logged iteration, not per loss term.
             values = dist.reduce_mean_dict({**losses, "loss": loss, **task.step_statistics(model)})
-            values["grad_norm"] = grad_norm  # before clipping; the same on every rank
+            if math.isfinite(grad_norm):  # before clipping; the same on every rank
+                values["grad_norm"] = grad_norm
+            values.update(amp.statistics())
             values.update(task.batch_statistics(values, plan.global_batch))
             events.training(iteration, done / plan.iters_per_epoch, lr, values)
         if done == plan.max_iter:
             break
         if cfg.train.checkpoint_period and done % cfg.train.checkpoint_period == 0:
             dist.average_buffers(model)
-            _save(run_dir, model, optimizer, done, cfg, plan, ctx)
+            _save(run_dir, model, optimizer, amp, done, cfg, plan, ctx)
         if eval_every and done % eval_every == 0:
             dist.average_buffers(model)
             _evaluate(task, model, ctx, run_dir, done, plan, events, announce=True)
 
     dist.average_buffers(model)
-    _save(run_dir, model, optimizer, plan.max_iter, cfg, plan, ctx)
+    _save(run_dir, model, optimizer, amp, plan.max_iter, cfg, plan, ctx)
     metrics = _evaluate(task, model, ctx, run_dir, plan.max_iter, plan, events, announce=False)
     events.close()
     return TrainResult(model, plan, metrics)
 
 
-def _stop_if_diverged(health, work, model, losses, iteration, lr, cfg, run_dir, ctx) -> float:
+def _stop_if_diverged(
+    health, work, model, losses, iteration, lr, cfg, run_dir, ctx, amp: MixedPrecision
+) -> float:
     """Raise on every process at the same iteration, before the step changes the weights;
-    otherwise return the gradient norm.
+    otherwise return the gradient norm (not finite for an fp16 step the loss scaler skips).
 
     The decision uses only numbers that are the same on every process: the all-reduced loss and
     the gradient norm after DDP averaged the gradients, so no process is left waiting."""
@@ -170,7 +177,9 @@ def _stop_if_diverged(health, work, model, losses, iteration, lr, cfg, run_dir, 
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
     too_high = cfg.train.max_loss is not None and mean_loss > cfg.train.max_loss
-    if not (nonfinite or too_high or not math.isfinite(grad_norm)):
+    if not (nonfinite or too_high) and (
+        math.isfinite(grad_norm) or amp.overflow_skipped(grad_norm)
+    ):
         return grad_norm
     terms = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
     limit = f" > train.max_loss {cfg.train.max_loss:g}" if too_high else ""
@@ -186,8 +195,8 @@ def _stop_if_diverged(health, work, model, losses, iteration, lr, cfg, run_dir, 
 def _clip_gradients(model: torch.nn.Module, grad_norm: float, max_norm: float | None) -> None:
     """Scale the gradients down to ``solver.clip_grad_norm`` when their norm (computed once, the
     same on every process) is larger."""
-    if max_norm is None or grad_norm <= max_norm:
-        return
+    if max_norm is None or grad_norm <= max_norm or not math.isfinite(grad_norm):
+        return  # a non-finite norm: an fp16 step the loss scaler skips
     norm = torch.tensor(grad_norm, dtype=torch.float64)
     torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, norm)
 
@@ -225,9 +234,9 @@ def _find_checkpoint(run_dir: Path, ctx):
     return found
 
 
-def _restore(found, run_dir: Path, model, optimizer, plan: Plan, ctx) -> int:
-    """Load a checkpoint found by ``_find_checkpoint`` into ``model`` and ``optimizer``; return
-    the iteration to continue from."""
+def _restore(found, run_dir: Path, model, optimizer, amp, plan: Plan, ctx) -> int:
+    """Load a checkpoint found by ``_find_checkpoint`` into ``model``, ``optimizer`` and the
+    fp16 loss scaler; return the iteration to continue from."""
     state, path = found
     saved = state["plan"]
     for key in ("global_batch", "iters_per_epoch"):  # max_iter may grow: a longer run
@@ -238,6 +247,7 @@ def _restore(found, run_dir: Path, model, optimizer, plan: Plan, ctx) -> int:
             )
     load_model_state(model, state["model"], path)
     optimizer.load_state_dict(state["optimizer"])
+    amp.load_state_dict(state.get("amp", {}))
     torch.set_rng_state(state["rng"]["torch"])
     start_iter = int(state["iteration"])
     if ctx.is_main:
@@ -271,12 +281,13 @@ def _evaluate(task, model, ctx, run_dir, iteration, plan: Plan, events, announce
     return metrics
 
 
-def _save(run_dir, model, optimizer, iteration, cfg, plan: Plan, ctx) -> None:
+def _save(run_dir, model, optimizer, amp, iteration, cfg, plan: Plan, ctx) -> None:
     if not ctx.is_main:
         return
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
+        "amp": amp.state_dict(),
         "iteration": iteration,  # the next iteration to run
         "epoch": iteration // plan.iters_per_epoch,
         "position_in_epoch": iteration % plan.iters_per_epoch,  # global batches done

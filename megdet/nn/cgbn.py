@@ -169,7 +169,9 @@ def _chunk_statistics(xc: torch.Tensor, chunk: int):
     n, c = xc.shape[:2]
     groups = xc.reshape(n // chunk, chunk, c, -1).transpose(1, 2).reshape(n // chunk, c, -1)
     var, mean = torch.var_mean(groups, dim=-1, unbiased=False)
-    total = torch.full((n // chunk,), float(groups.shape[-1]), dtype=torch.float64)
+    total = torch.full(
+        (n // chunk,), float(groups.shape[-1]), dtype=torch.float64, device=xc.device
+    )
     return mean.to(torch.float64), var.to(torch.float64), total
 
 
@@ -265,12 +267,13 @@ class CrossGPUBatchNorm2d(nn.modules.batchnorm._BatchNorm):
         )
 
     def _is_local(self, x: torch.Tensor, chunk: int | None) -> bool:
-        """A BN group of this process's whole batch: ATen's own kernels do all of it."""
+        """A BN group of this process's whole batch: ATen's own kernels do all of it, half
+        precision included (train.amp: they accumulate in float32 and keep float32 running
+        statistics next to a half-precision input and output)."""
         return (
             chunk is None
             and not self.two_pass
             and dist.group_size(self.process_group) == 1
-            and x.dtype in (torch.float32, torch.float64)
             and x.numel() > 0
         )
 

@@ -10,10 +10,22 @@ import functools
 import math
 from collections.abc import Callable
 
+import torch
 from torch import nn
-from torchvision.ops import FrozenBatchNorm2d
+from torchvision import ops
 
 from megdet.nn.cgbn import CrossGPUBatchNorm2d, copy_batchnorm_state
+
+
+class FrozenBatchNorm2d(ops.FrozenBatchNorm2d):
+    """torchvision's, with the output in the input's dtype: under mixed precision (train.amp)
+    its float32 scale would otherwise promote every half-precision activation to float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        bias = self.bias - self.running_mean * scale
+        shape = (1, -1, 1, 1)
+        return x * scale.to(x.dtype).view(shape) + bias.to(x.dtype).view(shape)
 
 
 def _group_norm(num_channels: int) -> nn.GroupNorm:

@@ -2,6 +2,7 @@ import hashlib
 import json
 from collections import Counter
 
+import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
@@ -23,8 +24,9 @@ def test_same_seed_gives_byte_identical_files(tmp_path):
     assert a["train/train_000001.png"] != c["train/train_000001.png"]
 
 
-def test_annotations_are_valid_coco_with_boxes_inside_images(tmp_path):
-    generate_shapes(tmp_path, 40, 10, size=96, seed=0)
+@pytest.mark.parametrize("height, width", [(96, 96), (64, 112)])
+def test_annotations_are_valid_coco_with_boxes_inside_images(tmp_path, height, width):
+    generate_shapes(tmp_path, 40, 10, size=height, seed=0, width=width)
     for split, count in (("train", 40), ("val", 10)):
         path = tmp_path / "annotations" / f"instances_{split}.json"
         coco = COCO(str(path))
@@ -36,11 +38,11 @@ def test_annotations_are_valid_coco_with_boxes_inside_images(tmp_path):
         for ann in coco.dataset["annotations"]:
             x, y, w, h = ann["bbox"]
             assert w > 0 and h > 0 and x >= 0 and y >= 0
-            assert x + w <= 96 + 1e-6 and y + h <= 96 + 1e-6
+            assert x + w <= width + 1e-6 and y + h <= height + 1e-6
             assert 0 < ann["area"] <= w * h + 0.01 * (w + h)  # bbox values are rounded
         for info in coco.dataset["images"]:
             with Image.open(tmp_path / split / info["file_name"]) as image:
-                assert image.size == (info["width"], info["height"]) == (96, 96)
+                assert image.size == (info["width"], info["height"]) == (width, height)
                 assert image.mode == "RGB"
 
 

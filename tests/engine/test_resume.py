@@ -17,11 +17,11 @@ from tests.conftest import instant_overrides
 from tests.distributed import run_in_processes
 
 
-def _train(rank, world_size, root, run_dir, max_iter, resume):
+def _train(rank, world_size, root, run_dir, max_iter, resume, amp="none"):
     cfg = load_config(
         "instant_test",
         [*instant_overrides(root), f"train.max_iter={max_iter}", "train.checkpoint_period=4",
-         "log.period=1", "model.norm=cgbn", "data.hflip=true"],
+         "log.period=1", "model.norm=cgbn", "data.hflip=true", f"train.amp={amp}"],
     )  # fmt: skip
     result = train(cfg, DetectionTask(cfg), run_dir, dist.init_distributed(), resume=resume)
     return result.model.state_dict()
@@ -34,22 +34,26 @@ def _losses(run_dir):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_stop_and_resume_gives_the_weights_of_a_straight_run(tiny_shapes, tmp_path):
+@pytest.mark.parametrize("amp", ["none", "fp16"])
+def test_stop_and_resume_gives_the_weights_of_a_straight_run(tiny_shapes, tmp_path, amp):
+    """fp16: the loss scaler's scale and growth tracker are part of the exact state."""
     straight, split = tmp_path / "straight", tmp_path / "split"
     straight.mkdir()
     split.mkdir()
-    expected = run_in_processes(_train, 2, tiny_shapes, straight, 8, False)[0]
-    run_in_processes(_train, 2, tiny_shapes, split, 4, False)
+    expected = run_in_processes(_train, 2, tiny_shapes, straight, 8, False, amp)[0]
+    run_in_processes(_train, 2, tiny_shapes, split, 4, False, amp)
     # What a crash after the checkpoint leaves behind: a line the resumed run will log again.
     with open(split / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"iter": 5, "loss": 123.0}) + "\n")
-    resumed = run_in_processes(_train, 2, tiny_shapes, split, 8, True)[0]
+    resumed = run_in_processes(_train, 2, tiny_shapes, split, 8, True, amp)[0]
     for key, value in expected.items():
         assert torch.equal(resumed[key], value), key  # bitwise: same world size, same CPU
     assert _losses(split) == _losses(straight)
     assert sorted(_losses(split)) == list(range(1, 9))
     state = torch.load(split / "checkpoints" / "last.pt", weights_only=True)
     assert (state["iteration"], state["epoch"], state["position_in_epoch"]) == (8, 4, 0)
+    if amp == "fp16":
+        assert state["amp"]["scaler"]["scale"] > 0
 
 
 def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(tmp_path):

@@ -58,7 +58,7 @@ def _reference(xs, dys, weight, bias, steps=2):
 
 
 def _run_cgbn(rank, x, dy, weight, bias, group=None, steps=2, two_pass=False):
-    bn = CrossGPUBatchNorm2d(C, process_group=group, two_pass=two_pass)
+    bn = CrossGPUBatchNorm2d(C, process_group=group, two_pass=two_pass).to(x.device)
     if x.dtype == torch.float64:
         bn.double()
     with torch.no_grad():
@@ -76,7 +76,7 @@ def _run_cgbn(rank, x, dy, weight, bias, group=None, steps=2, two_pass=False):
 
 def _assert_close(ours, ref, dtype):
     for key in ("y", "dx", "dweight", "dbias", "running_mean", "running_var"):
-        a, b = ours[key].double(), ref[key].double()
+        a, b = ours[key].double().cpu(), ref[key].double()
         if dtype == torch.float64:
             assert (a - b).abs().max().item() < 1e-10 if a.numel() else True, key
         else:
@@ -84,28 +84,30 @@ def _assert_close(ours, ref, dtype):
             assert ((a - b).abs().max() / scale).item() < 1e-5 if a.numel() else True, key
 
 
-def _numerics_worker(rank, world):
+def _numerics_worker(rank, world, device="cpu"):
     results = {}
     for dtype in (torch.float64, torch.float32):
         for shapes in (SHAPES, FULL_SHAPES):
             xs, dys, weight, bias = _inputs(world, dtype, shapes=shapes)
             ref = _reference(xs, dys, weight, bias)
             ref_local = {**ref, "y": ref["y"][rank], "dx": ref["dx"][rank]}
+            x, dy = xs[rank].to(device), dys[rank].to(device)
             for two_pass in (False, True):
-                ours = _run_cgbn(rank, xs[rank], dys[rank], weight, bias, two_pass=two_pass)
+                ours = _run_cgbn(rank, x, dy, weight, bias, two_pass=two_pass)
                 _assert_close(ours, ref_local, dtype)
             # NHWC activations (model.channels_last) take the same arithmetic.
-            nhwc = [t.contiguous(memory_format=torch.channels_last) for t in (xs[rank], dys[rank])]
+            nhwc = [t.contiguous(memory_format=torch.channels_last) for t in (x, dy)]
             _assert_close(_run_cgbn(rank, *nhwc, weight, bias), ref_local, dtype)
         results[str(dtype)] = True
 
     # Large mean, small spread, float32: the variance must still be right (requirement 4).
     xs, _, _, _ = _inputs(world, torch.float32, mean=1e4, std=1.0)
     pooled = torch.cat([_flat(t.double()) for t in xs], 1)
-    bn = CrossGPUBatchNorm2d(C, momentum=1.0, affine=False)
-    y = bn(xs[rank])
-    assert torch.allclose(bn.running_var.double(), pooled.var(1), rtol=1e-3)
-    assert torch.allclose(bn.running_mean.double(), pooled.mean(1), rtol=1e-7)
+    bn = CrossGPUBatchNorm2d(C, momentum=1.0, affine=False).to(device)
+    y = bn(xs[rank].to(device)).cpu()
+    assert torch.allclose(bn.running_var.double().cpu(), pooled.var(1), rtol=1e-3)
+    # A float32 mean of ~100 values near 1e4: a few float32 ulps (2^-24 each), in any order.
+    assert torch.allclose(bn.running_mean.double().cpu(), pooled.mean(1), rtol=16 * 2.0**-24)
     if y.numel():
         exact = (_flat(xs[rank].double()) - pooled.mean(1)[:, None]) / pooled.std(1, False)[:, None]
         assert (_flat(y.double()) - exact).abs().max() < 1e-2
@@ -139,16 +141,19 @@ def _numerics_worker(rank, world):
 
 
 @pytest.mark.slow
+@pytest.mark.device
 @pytest.mark.parametrize("world", [2, 3, 4])
-def test_cgbn_equals_one_batchnorm_over_all_processes(world):
-    results = run_in_processes(_numerics_worker, world)
+def test_cgbn_equals_one_batchnorm_over_all_processes(world, device):
+    """On CUDA (bench/device_suite.sh) the processes share one GPU through gloo."""
+    results = run_in_processes(_numerics_worker, world, device)
     assert all(r == {"torch.float64": True, "torch.float32": True} for r in results)
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_cgbn_single_process_equals_batchnorm(layout):
+def test_cgbn_single_process_equals_batchnorm(layout, device):
     xs, dys, weight, bias = _inputs(1, torch.float64)
-    x, dy = (t.contiguous(memory_format=layout) for t in (xs[0], dys[0]))
+    x, dy = (t.to(device).contiguous(memory_format=layout) for t in (xs[0], dys[0]))
     _assert_close(_run_cgbn(0, x, dy, weight, bias),
                   {**(ref := _reference(xs, dys, weight, bias)), "y": ref["y"][0],
                    "dx": ref["dx"][0]}, torch.float64)  # fmt: skip
@@ -171,8 +176,9 @@ def test_two_subgroups_of_two_equal_two_independent_references():
     assert run_in_processes(_subgroup_worker, 4) == [True] * 4
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_local_group_size_equals_batchnorm_chunk_by_chunk(layout):
+def test_local_group_size_equals_batchnorm_chunk_by_chunk(layout, device):
     """BN groups inside one process (model.bn_size below its images) against one float64
     nn.BatchNorm2d per chunk: outputs, every gradient, running mean and variance."""
     g = torch.Generator().manual_seed(0)
@@ -181,16 +187,16 @@ def test_local_group_size_equals_batchnorm_chunk_by_chunk(layout):
     dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
     weight = torch.rand(C, generator=g, dtype=torch.float64) + 0.5
     bias = torch.randn(C, generator=g, dtype=torch.float64)
-    bn = CrossGPUBatchNorm2d(C, local_group_size=2).double()
+    bn = CrossGPUBatchNorm2d(C, local_group_size=2).double().to(device)
     refs = [nn.BatchNorm2d(C, dtype=torch.float64) for _ in range(3)]
     for module in (bn, *refs):
         with torch.no_grad():
             module.weight.copy_(weight)
             module.bias.copy_(bias)
-    xin = x.clone().requires_grad_()
+    xin = x.to(device).clone().requires_grad_()
     for _ in range(2):  # two steps: the running statistics' momentum is applied twice
         y = bn(xin)
-    y.backward(dy)
+    y.backward(dy.to(device))
     outs, grads = [], []
     for i, ref in enumerate(refs):
         part = x[2 * i : 2 * i + 2].clone().requires_grad_()
@@ -201,7 +207,7 @@ def test_local_group_size_equals_batchnorm_chunk_by_chunk(layout):
         grads.append(part.grad)
 
     def close(a, b):
-        return (a - b).abs().max().item() < 1e-10
+        return (a.cpu() - b.cpu()).abs().max().item() < 1e-10
 
     assert close(y, torch.cat(outs)) and close(xin.grad, torch.cat(grads))
     assert close(bn.weight.grad, sum(r.weight.grad for r in refs))
@@ -216,7 +222,7 @@ def test_local_group_size_equals_batchnorm_chunk_by_chunk(layout):
     # Evaluation normalizes with the averaged running statistics.
     averaged = nn.BatchNorm2d(C, dtype=torch.float64).eval()
     averaged.load_state_dict(bn.state_dict())
-    assert close(bn(x), averaged(x))
+    assert close(bn(x.to(device)), averaged(x))
     with pytest.raises(ValueError, match="does not split into BN groups of 4"):
         CrossGPUBatchNorm2d(C, local_group_size=4).train()(x)
 
@@ -256,3 +262,36 @@ def test_eval_uses_running_statistics_and_convert_copies_state():
     assert isinstance(converted[2][0], CrossGPUBatchNorm2d)
     assert not converted.training
     assert torch.allclose(converted(x), expected, atol=1e-6)
+
+
+def _autocast_worker(rank, world, device):
+    """bfloat16 activations under autocast, as a convolution would hand them to CGBN."""
+    bf16 = torch.bfloat16
+    for mean in (0.0, 100.0):  # at 100, a variance summed in bfloat16 would be noise
+        xs, dys, weight, bias = _inputs(world, bf16, mean=mean, shapes=FULL_SHAPES)
+        ref = _reference(xs, dys, weight, bias)  # float64 on the same bfloat16 numbers
+        with torch.autocast(device, dtype=bf16):
+            ours = _run_cgbn(rank, xs[rank].to(device), dys[rank].to(device), weight, bias)
+        assert ours["y"].dtype == ours["dx"].dtype == bf16  # the input's dtype
+        assert ours["running_mean"].dtype == torch.float32
+        for key in ("y", "dx"):  # float32 arithmetic, one rounding to bfloat16 at the end
+            a, b = ours[key].double().cpu(), ref[key][rank].double()
+            assert ((a - b).abs() / b.abs().clamp(min=1.0)).max().item() <= 2.0**-8, key
+        for key in ("dweight", "dbias", "running_mean", "running_var"):  # float32 sums
+            a, b = ours[key].double().cpu(), ref[key].double()
+            assert ((a - b).abs() / b.abs().clamp(min=1.0)).max().item() < 1e-5, key
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.device
+def test_cgbn_under_bf16_autocast_normalizes_in_float32_and_returns_bf16(device):
+    """train.amp=bf16: statistics and their reduction in float32 over 2 processes, outputs
+    and input gradients in bfloat16 within one bfloat16 rounding of the float64 reference."""
+    assert run_in_processes(_autocast_worker, 2, device) == [True, True]
+
+
+@pytest.mark.device
+def test_per_process_cgbn_under_bf16_autocast_keeps_float32_statistics(device):
+    """A group of one process takes ATen's kernels, bfloat16 input included: the same bounds."""
+    assert _autocast_worker(0, 1, device)

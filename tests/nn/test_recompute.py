@@ -16,15 +16,15 @@ from tests.distributed import run_in_processes
 MODES = ("none", "stages", "blocks+fpn")
 
 
-def _three_steps(rank, mode, dtype):
+def _three_steps(rank, mode, dtype, device):
     """Backbone + FPN with CGBN (BN in the FPN too), 3 SGD steps on a fixed loss."""
     cfg = load_config("instant_test", ["model.norm_scope=backbone+fpn"]).model
     torch.manual_seed(0)
     backbone = build_backbone(cfg, functools.partial(CrossGPUBatchNorm2d, momentum=0.3))
-    backbone = backbone.to(dtype).train()
+    backbone = backbone.to(device, dtype).train()
     checkpointed = apply_checkpointing(backbone, mode)
     g = torch.Generator().manual_seed(100 + rank)
-    images = torch.randn(2, 3, 64, 64, generator=g, dtype=dtype)
+    images = torch.randn(2, 3, 64, 64, generator=g, dtype=dtype).to(device)
     calls = []
     gather = dist.all_gather_tensor
     dist.all_gather_tensor = lambda *a, **k: calls.append(1) or gather(*a, **k)
@@ -49,10 +49,10 @@ def _three_steps(rank, mode, dtype):
             "buffers": buffers, "collectives": collectives}  # fmt: skip
 
 
-def _compare_worker(rank, world):
+def _compare_worker(rank, world, device):
     results = {}
     for dtype in (torch.float64, torch.float32):
-        runs = {mode: _three_steps(rank, mode, dtype) for mode in MODES}
+        runs = {mode: _three_steps(rank, mode, dtype, device) for mode in MODES}
         reference = runs["none"]
         for mode in MODES[1:]:
             run = runs[mode]
@@ -80,9 +80,10 @@ def _compare_worker(rank, world):
 
 
 @pytest.mark.slow
+@pytest.mark.device
 @pytest.mark.parametrize("world", [1, 2])
-def test_checkpointing_equals_no_checkpointing_with_cgbn(world):
-    results = run_in_processes(_compare_worker, world)
+def test_checkpointing_equals_no_checkpointing_with_cgbn(world, device):
+    results = run_in_processes(_compare_worker, world, device)
     # One all-gather per BN layer in forward and one in backward, every iteration; none when
     # the group is this process alone (ATen's own BatchNorm kernels then).
     bn_layers = 21 + 8  # the tiny backbone's, and the FPN's 4 inner and 4 output convs

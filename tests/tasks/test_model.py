@@ -82,3 +82,37 @@ def test_channels_last_detector_matches_nchw(tiny_shapes):
     for name, grad in grads_nchw.items():
         scale = grad.abs().max().clamp(min=1e-3)
         assert (grads_nhwc[name] - grad).abs().max() / scale < 1e-9, name
+
+
+def test_mixed_precision_keeps_anchors_proposals_and_losses_in_float32(tiny_shapes):
+    """Under bf16 autocast (train.amp) the convolutions run in bfloat16, but anchors, box
+    deltas, proposals and losses stay float32: anchors bit for bit those of a float32
+    forward, and the RPN losses (same anchors, same seeded sampling) within bfloat16's
+    rounding (2^-8) times the ~10 layers it passes."""
+    cfg = load_config("instant_test").model
+    torch.manual_seed(0)
+    model = build_detector(cfg, num_classes=3)
+    images, targets = _batch(tiny_shapes)
+    seen = {"anchors": [], "proposals": [], "features": []}
+    model.rpn.anchor_generator.register_forward_hook(
+        lambda m, args, out: seen["anchors"].append(out)
+    )
+    model.rpn.register_forward_hook(lambda m, args, out: seen["proposals"].append(out[0]))
+    model.backbone.register_forward_hook(
+        lambda m, args, out: seen["features"].append(out["0"].dtype)
+    )
+    runs = []
+    for half in (False, True):
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
+            runs.append(model(images, targets))
+    full, mixed = runs
+    assert seen["features"] == [torch.float32, torch.bfloat16]
+    assert all(value.dtype == torch.float32 for value in mixed.values())
+    for a, b in zip(*seen["anchors"], strict=True):
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+    assert all(p.dtype == torch.float32 for p in seen["proposals"][1])
+    for key in ("loss_objectness", "loss_rpn_box_reg"):
+        assert abs(mixed[key] / full[key] - 1).item() < 10 * 2.0**-8, key
+    sum(mixed.values()).backward()
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)

@@ -87,6 +87,7 @@ def build_detector(
         box_detections_per_img=cfg.box_detections_per_img,
     )
     _objectness_targets_in_anchor_dtype(model.rpn)
+    _box_geometry_in_image_dtype(model)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
         model.backbone.register_forward_pre_hook(_images_to_channels_last)
@@ -103,6 +104,34 @@ def _objectness_targets_in_anchor_dtype(rpn: nn.Module) -> None:
         return [lab.to(a.dtype) for lab, a in zip(labels, anchors, strict=True)], matched_boxes
 
     rpn.assign_targets_to_anchors = assign_in_anchor_dtype
+
+
+def _box_geometry_in_image_dtype(model: FasterRCNN) -> None:
+    """Under mixed precision (train.amp) anchors, box deltas and class scores stay in the
+    images' dtype (float32): torchvision gives anchors the feature maps' dtype, and a
+    bfloat16 coordinate of a 1333 px image is off by up to 4 px. The heads' convolutions and
+    matrix products still run in half precision; only their outputs are cast."""
+    model.rpn.anchor_generator.register_forward_pre_hook(_anchors_in_image_dtype)
+    model.rpn.head.register_forward_hook(_outputs_in_float32)
+    model.roi_heads.box_predictor.register_forward_hook(_outputs_in_float32)
+
+
+def _anchors_in_image_dtype(module: nn.Module, args: tuple) -> tuple:
+    # The generator reads only the feature maps' sizes, dtype and device: empty stand-ins.
+    image_list, features = args
+    dtype = image_list.tensors.dtype
+    return image_list, [f.new_empty((0, 0, *f.shape[-2:]), dtype=dtype) for f in features]
+
+
+def _outputs_in_float32(module: nn.Module, args: tuple, outputs):
+    def cast(value):
+        if isinstance(value, (list, tuple)):
+            return type(value)(cast(v) for v in value)
+        if value.dtype in (torch.float16, torch.bfloat16):
+            return value.float()
+        return value
+
+    return cast(outputs)
 
 
 def _images_to_channels_last(module: nn.Module, args: tuple) -> tuple:

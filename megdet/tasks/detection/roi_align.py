@@ -37,6 +37,10 @@ def fast_roi_align(
 ) -> Tensor:
     """``torchvision.ops.roi_align`` on (K, 5) ``rois``; our backward where it applies."""
     if features.device.type == "cpu" and sampling_ratio > 0 and features.requires_grad:
+        if features.dtype in (torch.float16, torch.bfloat16):
+            # Mixed precision: bilinear sums and the gradient's index_add_ in float32, as
+            # torchvision's autocast kernel does.
+            features = features.float()
         return _RoIAlignFunction.apply(
             features, rois, output_size, spatial_scale, sampling_ratio, aligned
         )
