@@ -1,8 +1,9 @@
 import pytest
+import torch
 
 from megdet.config import load_config
 from megdet.errors import ConfigError
-from megdet.plan import BNGroups, make_plan
+from megdet.plan import BNGroups, make_plan, precision_note
 
 
 def _groups(bn_size, batch=64, world=8):
@@ -110,3 +111,13 @@ def test_measured_memory_shrinks_with_checkpointing_and_grows_with_images():
     for mode in ("stages", "blocks", "stages+fpn"):
         assert estimate.per_image_mb[mode] < none, mode
     assert estimate.total_mb("none", 4) > estimate.total_mb("none", 2)
+
+
+def test_plan_says_where_mixed_precision_is_slower_than_float32(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert precision_note("none", set()) is None
+    assert precision_note("bf16", {"avx2", "amx_bf16", "amx_tile"}) is None
+    assert "train.amp=bf16 on this CPU (no AMX)" in precision_note("bf16", {"avx2", "avx512_bf16"})
+    assert "train.amp=fp16" in precision_note("fp16", {"amx_bf16"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert precision_note("fp16", set()) is None  # on a GPU: what AMP is for
