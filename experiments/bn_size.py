@@ -15,7 +15,7 @@ from table3_cgbn import RECIPE
 
 ROWS = [
     Row(f"bn{size}", ["train.batch_size=128", f"model.bn_size={size}", *RECIPE])
-    for size in (32, 8, 128, 2, 64, 16, 4)  # the paper's best first, then the extremes
+    for size in (32, 8, 2, 64, 16, 4, 128)  # the paper's best first; 128 = Table 3's b128
 ]
 
 if __name__ == "__main__":
