@@ -200,10 +200,13 @@ def precision_note(amp: str, cpu_flags: set[str] | None = None) -> str | None:
     flags = _cpu_flags() if cpu_flags is None else cpu_flags
     if amp == "bf16" and "amx_bf16" in flags:
         return None
-    why = "no AMX" if amp == "bf16" else "no native float16 arithmetic on CPUs"
+    if amp == "bf16":
+        why = "no AMX) is likely slower than float32 (5.6x on an AVX2 EPYC, BENCHMARKS.md"
+    else:  # measured here: 18x slower steps of ResNet-50 FPN at 64 x 96 px
+        why = "no native float16 arithmetic on CPUs) is many times slower than float32"
     return (
-        f"train.amp={amp} on this CPU ({why}) is several times slower than float32: "
-        "set train.amp=none here; bf16 pays on CPUs with AMX (Intel Xeon 4th gen and later)"
+        f"train.amp={amp} on this CPU ({why}): set train.amp=none here; bf16 pays on CPUs "
+        "with AMX (Intel Xeon 4th gen and later)"
     )
 
 
