@@ -131,9 +131,10 @@ def _cpu() -> str:
     return platform.machine()
 
 
-def main(name: str, doc: str, title: str, notes: str, rows: list[Row]) -> None:
+def main(name: str, doc: str, title: str, notes: str, rows: list[Row]) -> list[Path]:
     """A study's command line: ``--rows`` and ``--seeds``; runs to ``experiments/runs/NAME``,
-    the table (rewritten after every run) to ``experiments/results/NAME.md``."""
+    the table (rewritten after every run) to ``experiments/results/NAME.md``. Returns the
+    finished runs' folders, for studies that plot them."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--rows", help="comma-separated row names (default: all)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
@@ -142,10 +143,13 @@ def main(name: str, doc: str, title: str, notes: str, rows: list[Row]) -> None:
     common = STUDY_SIZE + ensure_shapes(STUDY_DATA, train=8000, val=500, size=64)
     runs = ROOT / "experiments" / "runs" / name
     results: dict[str, list[dict]] = {}
+    folders = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for row in chosen:
             result = run(row, seed, runs, common)
+            folders.append(runs / f"{row.name}-s{seed}")
             results.setdefault(row.name, []).append(result)
             print(row.name, seed, result.get("mmAP", result.get("diverged")), flush=True)
             table = ROOT / "experiments" / "results" / f"{name}.md"
             write_table(table, title, notes, chosen, results)
+    return folders
