@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.megdet-installed
 SHAPES := data/shapes/annotations/instances_train.json
 
-.PHONY: install demo test lint format bench bench-roi device-wheels clean
+.PHONY: install demo test lint format bench bench-roi reproduce reproduce-quick device-wheels clean
 
 install: $(STAMP)
 
@@ -46,6 +46,24 @@ bench: $(STAMP)
 # The accuracy/speed study behind the demo's model.roi_batch_per_image (5 demo trainings).
 bench-roi: $(STAMP) $(SHAPES)
 	$(PY) bench/roi_batch_tradeoff.py --values 32,64,128,256,512 --record
+
+# Issue 13's large-batch studies, each run a plain `megdet train` (README: "Does large batch work?").
+# Every study, at the seeds of the committed tables: about 5 hours on 2 cores. A stopped study
+# continues where it stopped (finished runs are kept in experiments/runs/).
+reproduce: $(STAMP)
+	$(PY) experiments/table3_cgbn.py --seeds 0,1
+	$(PY) experiments/table2_no_bn.py --seeds 0
+	$(PY) experiments/bn_size.py --seeds 0
+	$(PY) experiments/figure4.py --seeds 0
+	$(PY) experiments/recipe_search.py --seeds 0
+
+# One row of each study on a 2,000-image set, to experiments/results/quick/: about 10 minutes.
+reproduce-quick: $(STAMP)
+	$(PY) experiments/table3_cgbn.py --quick --rows b256
+	$(PY) experiments/table2_no_bn.py --quick --rows b128
+	$(PY) experiments/bn_size.py --quick --rows bn32
+	$(PY) experiments/figure4.py --quick --rows b256-long
+	$(PY) experiments/recipe_search.py --quick --rows b128-warmup3-clip1
 
 # What bench/device_suite.sh carries to the GPU machine (python 3.12, no registry there).
 device-wheels:

@@ -12,18 +12,14 @@ loss and ratio plots, ``table1.md``) to ``experiments/results/figure4/``.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from study import Row, main
 from table3_cgbn import RECIPE
-
-from megdet.report import write_report
 
 LONG = ["solver.policy=long", "train.epochs=null"]
 ROWS = [Row(f"b{b}-long", [f"train.batch_size={b}", *LONG, *RECIPE]) for b in (16, 256, 128)]
 
 if __name__ == "__main__":
-    folders = main(
+    main(
         "figure4",
         __doc__,
         "MegDet Figure 4 at small scale: batch 16 and 256 on the long policy (issue 13)",
@@ -32,5 +28,5 @@ if __name__ == "__main__":
         "16 images), 3 epochs of warmup, gradient norm clipped at 1. mmAP per epoch: "
         "`figure4/mmap_per_epoch.png`; MegDet Table 1 from the same runs: `figure4/table1.md`.",
         ROWS,
+        report=True,
     )
-    write_report(folders, Path(__file__).resolve().parent / "results" / "figure4")

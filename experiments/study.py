@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # The studies' shapes set: 8,000 images at 64 px give batch 256 31 iterations an epoch.
 STUDY_DATA = ROOT / "experiments" / "data" / "shapes64_8k"
+QUICK_DATA = ROOT / "experiments" / "data" / "shapes64_2k"  # --quick: the same, a quarter
 STUDY_SIZE = ["model.min_size=64", "model.max_size=64"]
 DIVERGED = re.compile(r"training diverged at iteration (\d+) \(lr ([0-9.e+-]+)\)")
 
@@ -131,25 +132,42 @@ def _cpu() -> str:
     return platform.machine()
 
 
-def main(name: str, doc: str, title: str, notes: str, rows: list[Row]) -> list[Path]:
-    """A study's command line: ``--rows`` and ``--seeds``; runs to ``experiments/runs/NAME``,
-    the table (rewritten after every run) to ``experiments/results/NAME.md``. Returns the
-    finished runs' folders, for studies that plot them."""
+def main(name: str, doc: str, title: str, notes: str, rows: list[Row], report: bool = False):
+    """A study's command line: ``--rows``, ``--seeds`` and ``--quick``; runs to
+    ``experiments/runs/NAME``, the table (rewritten after every run) to
+    ``experiments/results/NAME.md`` and, with ``report``, ``megdet report`` of the runs (plots,
+    MegDet Table 1) to ``experiments/results/NAME/``.
+
+    ``--quick`` runs the same rows on a 2,000-image set, into ``runs/quick`` and
+    ``results/quick``: a check that a study works end to end (``make reproduce-quick``), whose
+    numbers are not the study's."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--rows", help="comma-separated row names (default: all)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
+    parser.add_argument("--quick", action="store_true", help="2,000 training images, not 8,000")
     args = parser.parse_args()
     chosen = [r for r in rows if not args.rows or r.name in args.rows.split(",")]
-    common = STUDY_SIZE + ensure_shapes(STUDY_DATA, train=8000, val=500, size=64)
-    runs = ROOT / "experiments" / "runs" / name
+    if args.rows and not chosen:
+        parser.error(
+            f"--rows: none of {args.rows} is a row; rows: {', '.join(r.name for r in rows)}"
+        )
+    base = ROOT / "experiments"
+    if args.quick:
+        data = ensure_shapes(QUICK_DATA, train=2000, val=200, size=64)
+        runs, results_dir = base / "runs" / "quick" / name, base / "results" / "quick"
+    else:
+        data = ensure_shapes(STUDY_DATA, train=8000, val=500, size=64)
+        runs, results_dir = base / "runs" / name, base / "results"
     results: dict[str, list[dict]] = {}
     folders = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for row in chosen:
-            result = run(row, seed, runs, common)
+            result = run(row, seed, runs, STUDY_SIZE + data)
             folders.append(runs / f"{row.name}-s{seed}")
             results.setdefault(row.name, []).append(result)
             print(row.name, seed, result.get("mmAP", result.get("diverged")), flush=True)
-            table = ROOT / "experiments" / "results" / f"{name}.md"
-            write_table(table, title, notes, chosen, results)
-    return folders
+            write_table(results_dir / f"{name}.md", title, notes, chosen, results)
+    if report:
+        from megdet.report import write_report
+
+        write_report(folders, results_dir / name)
