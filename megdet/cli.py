@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -27,13 +26,10 @@ from megdet.logs import setup_logging
 
 log = logging.getLogger("megdet.cli")
 
-# What a run writes; --overwrite removes exactly these, never anything else in the folder.
-RUN_OUTPUTS = ("config.yaml", "plan.json", "metrics.jsonl", "checkpoints", "eval", "report")
-
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     setup_logging(int(os.environ.get("RANK", "0")))
     try:
         if getattr(args, "nproc", 1) > 1 and args.command != "plan" and not _under_launcher():
@@ -48,12 +44,40 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except MegdetError as exc:
         if int(os.environ.get("RANK", "0")) == 0:  # every rank stops; one says why
-            print(f"megdet: error: {exc}", file=sys.stderr)
+            print(f"megdet: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """The command line, with key=value overrides accepted anywhere: argparse alone takes them
+    only before the first option (``--out R a=b`` would be "unrecognized arguments")."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [item for item in extra if "=" in item and not item.startswith("-")]
+    unknown = [item for item in extra if item not in overrides]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if overrides:
+        if not hasattr(args, "overrides"):
+            parser.error(f"{args.command}: takes no key=value overrides: {' '.join(overrides)}")
+        args.overrides = [*args.overrides, *overrides]
+    for option in ("nproc", "max_restarts"):
+        value = getattr(args, option, None)
+        least = 1 if option == "nproc" else 0
+        if value is not None and value < least:
+            parser.error(f"--{option.replace('_', '-')}: must be >= {least}, got {value}")
+    return args
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line, as every other megdet error (exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="megdet",
         description="Train object detectors with large mini-batches (MegDet) on torch.distributed.",
         epilog="examples:\n" + __doc__.split("\n\n")[1],
@@ -200,6 +224,7 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    from megdet.engine.run_dir import check_run_dir
     from megdet.engine.trainer import train
     from megdet.tasks.detection.task import DetectionTask
 
@@ -215,11 +240,12 @@ def _cmd_train(args) -> int:
     overwrite = args.overwrite and not restarted
     ctx = dist.init_distributed()
     try:
-        problem = _prepare_run_dir(run_dir, overwrite, resume) if ctx.is_main else None
+        problem = check_run_dir(run_dir, overwrite, resume) if ctx.is_main else None
         problem = dist.broadcast_object(problem)  # all ranks stop, or none does
         if problem:
             raise MegdetError(problem)
-        result = train(cfg, DetectionTask(cfg), run_dir, ctx, resume=resume)
+        task = DetectionTask(cfg)
+        result = train(cfg, task, run_dir, ctx, resume=resume, replace=overwrite)
         if ctx.is_main:
             _print_final(run_dir, result.metrics)
     finally:
@@ -229,8 +255,11 @@ def _cmd_train(args) -> int:
 
 def _cmd_eval(args) -> int:
     from megdet.engine.checkpoint import load_checkpoint, load_model_state
+    from megdet.engine.run_dir import folder_problem
     from megdet.tasks.detection.task import DetectionTask
 
+    if args.out and (problem := folder_problem(args.out)):
+        raise MegdetError(problem)
     if args.run:
         weights = args.weights or args.run / "checkpoints" / "last.pt"
         state = load_checkpoint(weights)
@@ -242,6 +271,8 @@ def _cmd_eval(args) -> int:
         out = args.out
     else:
         raise MegdetError("eval: give --run RUN_DIR, or --config NAME --weights FILE")
+    if out and (problem := folder_problem(out)):  # RUN/eval
+        raise MegdetError(problem)
     ctx = dist.init_distributed()
     try:
         task = DetectionTask(cfg)
@@ -255,26 +286,6 @@ def _cmd_eval(args) -> int:
     finally:
         dist.shutdown()
     return 0
-
-
-def _prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool = False) -> str | None:
-    """Refuse to mix two runs in one folder; with --overwrite remove only our own outputs;
-    with --resume keep them all."""
-    if resume:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return None
-    previous = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
-    previous += [p.name for p in run_dir.glob("events.out.tfevents.*")]
-    if previous and not overwrite:
-        return (
-            f"--out {run_dir}: holds a previous run ({', '.join(previous[:3])}); "
-            "pass --resume to continue it, --overwrite to replace it, or choose another --out"
-        )
-    for name in previous:
-        path = run_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return None
 
 
 def _print_final(run_dir: Path, metrics: dict[str, float]) -> None:

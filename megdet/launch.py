@@ -23,16 +23,7 @@ def launch_local(nproc: int, worker_argv: list[str], max_restarts: int = 0) -> i
         # Restarted workers reading the previous attempt's gloo addresses from the store that
         # torchrun shares with them fail to connect (pytorch#135712); give them their own.
         os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    args = torchrun.get_args_parser().parse_args(
-        [
-            "--standalone",
-            f"--nproc-per-node={nproc}",
-            f"--max-restarts={max_restarts}",
-            "--module",
-            "megdet",
-            *worker_argv,
-        ]
-    )
+    args = torchrun_args(nproc, worker_argv, max_restarts)
     log.info(
         "launching %d processes: torchrun --standalone --nproc-per-node %d -m megdet %s",
         nproc,
@@ -45,3 +36,16 @@ def launch_local(nproc: int, worker_argv: list[str], max_restarts: int = 0) -> i
         codes = [f.exitcode for f in exc.failures.values() if f.exitcode]
         return codes[0] if codes else 1
     return 0
+
+
+def torchrun_args(nproc: int, worker_argv: list[str], max_restarts: int = 0):
+    """torchrun's arguments for ``python -m megdet *worker_argv`` in ``nproc`` processes.
+
+    Ours are set after parsing, never parsed by torchrun: its parser takes ``--run`` (and
+    ``--run=DIR``) as an abbreviation of its own ``--run-path`` and stops."""
+    args = torchrun.get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
+         "--module", "megdet"]
+    )  # fmt: skip
+    args.training_script_args = list(worker_argv)
+    return args

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from megdet.launch import torchrun_args
 from tests.conftest import instant_overrides
 
 
@@ -91,9 +92,29 @@ def test_nproc_launches_workers_through_torchrun(tiny_shapes, tmp_path):
     assert planned.returncode == 0, planned.stderr[-3000:]
     assert json.loads(planned.stdout) == plan  # `megdet plan` shows what training does
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["iteration"] == 3
+    # torchrun's parser used to take --run for its own --run-path ("ambiguous option").
+    evaluated = megdet("eval", f"--run={run}", "--nproc", 2, "--out", tmp_path / "eval")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "mmAP" in evaluated.stdout and (tmp_path / "eval" / "metrics.json").is_file()
     bad = megdet("train", "--config", "instant_test", "--nproc", 2, "model.norm=batch")
     assert bad.returncode == 2
     assert (
         bad.stderr.strip()
         == "megdet: error: model.norm: 'batch' is not one of frozen, bn, gn, cgbn"
+    )
+
+
+def test_worker_arguments_reach_megdet_unparsed_by_torchrun():
+    worker = ["eval", "--run", "r", "--run=x", "--nnodes", "3", "--module", "--", "a=b"]
+    args = torchrun_args(2, worker, max_restarts=1)
+    assert (args.module, args.training_script, args.training_script_args) == (
+        True,
+        "megdet",
+        worker,
+    )
+    assert (args.nproc_per_node, args.max_restarts, args.nnodes, args.run_path) == (
+        "2",
+        1,
+        "1:1",
+        False,
     )

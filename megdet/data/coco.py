@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +12,9 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from megdet.data.sampler import image_seed
 from megdet.data.check import check_structure, load_json
-from megdet.errors import DataError
+from megdet.data.sampler import image_seed
+from megdet.errors import DataError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +48,7 @@ def read_coco(path: str | Path, strict: bool = False) -> CocoIndex:
     if problems:
         more = ""
         if len(problems) > 1:
-            more = (
-                f" (and {len(problems) - 1} more; `megdet data check --json {path}` lists them)"
-            )
+            more = f" (and {len(problems) - 1} more; `megdet data check --json {path}` lists them)"
         raise DataError(problems[0] + more)
     if report.dropped_boxes:
         log.warning(
@@ -120,8 +117,8 @@ class CocoDetection(torch.utils.data.Dataset):
         try:
             with PIL.Image.open(path) as file:
                 image = F.pil_to_tensor(_to_rgb8(file))
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{path}: cannot read image ({exc})") from None
+        except Exception as exc:  # any decoder failure, DecompressionBombError included
+            raise DataError(f"{path}: cannot read image ({one_line(exc)})") from None
         if tuple(image.shape[-2:]) != (info["height"], info["width"]):
             raise DataError(
                 f"{path}: image is {image.shape[-1]}x{image.shape[-2]} but "

@@ -22,7 +22,12 @@ MAX_OVERLAP = 0.4  # an object may hide at most this fraction of an earlier one
 
 
 def generate_shapes(
-    out: Path, num_train: int, num_val: int, size: int = 128, seed: int = 0, width: int | None = None
+    out: Path,
+    num_train: int,
+    num_val: int,
+    size: int = 128,
+    seed: int = 0,
+    width: int | None = None,
 ) -> dict[str, Path]:
     """Write ``out/{train,val}/*.png`` and ``out/annotations/instances_{train,val}.json``:
     ``size`` x ``size`` images, or ``size`` high and ``width`` wide (COCO's 800 x 1333)."""
@@ -39,7 +44,9 @@ def generate_shapes(
             image_id = index + 1
             file_name = f"{split}_{image_id:06d}.png"
             Image.fromarray(pixels).save(out / split / file_name, optimize=False)
-            images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+            images.append(
+                {"id": image_id, "file_name": file_name, "width": width, "height": height}
+            )
             for category_id, box, polygon, area in objects:
                 annotations.append(
                     {
@@ -139,7 +146,10 @@ def _shape_polygon(kind: int, box, rng: np.random.Generator):
 
 def _polygon_area(points) -> float:
     """Shoelace formula: the COCO ``area`` of the drawn polygon."""
-    twice = sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(points, points[1:] + points[:1]))
+    twice = sum(
+        x0 * y1 - x1 * y0
+        for (x0, y0), (x1, y1) in zip(points, points[1:] + points[:1], strict=True)
+    )
     return abs(twice) / 2
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from megdet.errors import MegdetError
+from megdet.errors import MegdetError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise MegdetError(f"{path}: not a readable megdet checkpoint ({exc})") from None
+        raise MegdetError(f"{path}: not a readable megdet checkpoint ({one_line(exc)})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise MegdetError(f"{path}: not a megdet checkpoint (no 'model' entry)")
     return state

@@ -8,7 +8,6 @@ step uses the mean over the whole global batch (MegDet section 3.1, Goyal et al.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -22,13 +21,9 @@ from megdet.config import Config, config_to_dict, dump_config
 from megdet.data.coco import collate
 from megdet.data.sampler import GlobalShuffleSampler
 from megdet.engine.amp import MixedPrecision
-from megdet.engine.checkpoint import (
-    atomic_write_text,
-    load_model_state,
-    newest_checkpoint,
-    save_checkpoint,
-)
+from megdet.engine.checkpoint import load_model_state, newest_checkpoint, save_checkpoint
 from megdet.engine.events import EventWriter
+from megdet.engine.run_dir import start_run_dir
 from megdet.errors import MegdetError
 from megdet.nn import norm_layer
 from megdet.plan import Plan, make_plan
@@ -50,13 +45,19 @@ class DivergenceError(MegdetError):
 
 
 def train(
-    cfg: Config, task: DetectionTask, run_dir: Path, ctx: dist.DistContext, resume: bool = False
+    cfg: Config,
+    task: DetectionTask,
+    run_dir: Path,
+    ctx: dist.DistContext,
+    resume: bool = False,
+    replace: bool = False,
 ) -> TrainResult:
     """Train ``task`` in this process group; rank 0 writes ``run_dir``.
 
     ``task`` supplies the model, the training set and the evaluator; the loop is task-agnostic.
     ``resume`` continues from the newest complete checkpoint in ``run_dir`` (if there is one)
     exactly where it stopped: same weights, momentum, data order and schedule position.
+    ``replace`` removes a previous run's files there, once this one is ready to start.
     """
     memory = None
     if cfg.train.images_per_device == "auto":  # measured once, the same answer on every rank
@@ -64,8 +65,6 @@ def train(
         memory = dist.broadcast_object(memory)
     plan = make_plan(cfg, ctx.world_size, task.num_train_images, memory)
     if ctx.is_main:
-        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-        atomic_write_text(run_dir / "plan.json", plan.to_json() + "\n")
         log.info("plan: %s", plan.summary())
 
     norm = None
@@ -89,7 +88,7 @@ def train(
     dist.broadcast_module_state(model)
     optimizer = build_optimizer(model, cfg.solver, plan.lr)
     amp = MixedPrecision(cfg.train.amp, ctx.device)
-    start_iter = _restore(found, run_dir, model, optimizer, amp, plan, ctx) if found else 0
+    start_iter = _restore(found, model, optimizer, amp, plan) if found else 0
     ddp = _data_parallel(model) if ctx.world_size > 1 else model
 
     sampler = GlobalShuffleSampler(
@@ -109,6 +108,9 @@ def train(
         collate_fn=collate,
         pin_memory=ctx.device.type == "cuda",
     )
+    if ctx.is_main:  # the run can start: only now does its folder change
+        resumed_at = start_iter if found else None
+        start_run_dir(run_dir, dump_config(cfg), plan.to_json() + "\n", replace, resumed_at)
     events = EventWriter(
         run_dir,
         plan.max_iter,
@@ -234,7 +236,7 @@ def _find_checkpoint(run_dir: Path, ctx):
     return found
 
 
-def _restore(found, run_dir: Path, model, optimizer, amp, plan: Plan, ctx) -> int:
+def _restore(found, model, optimizer, amp, plan: Plan) -> int:
     """Load a checkpoint found by ``_find_checkpoint`` into ``model``, ``optimizer`` and the
     fp16 loss scaler; return the iteration to continue from."""
     state, path = found
@@ -250,24 +252,8 @@ def _restore(found, run_dir: Path, model, optimizer, amp, plan: Plan, ctx) -> in
     amp.load_state_dict(state.get("amp", {}))
     torch.set_rng_state(state["rng"]["torch"])
     start_iter = int(state["iteration"])
-    if ctx.is_main:
-        _truncate_metrics(run_dir / "metrics.jsonl", start_iter)
     log.info("resume: %s, continuing at iteration %d of %d", path, start_iter, plan.max_iter)
     return start_iter
-
-
-def _truncate_metrics(path: Path, iteration: int) -> None:
-    """Drop what a stopped run logged after its checkpoint: the resumed run logs it again."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["iter"] <= iteration:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError):
-            continue  # a line cut short by the crash
-    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 def _evaluate(task, model, ctx, run_dir, iteration, plan: Plan, events, announce: bool):

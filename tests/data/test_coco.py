@@ -23,7 +23,7 @@ def test_reads_real_coco128(coco128):
     image, target = dataset[0]
     info = index.images[0]
     assert image.shape == (3, info["height"], info["width"]) and image.dtype == torch.float32
-    assert 0.0 <= image.min() and image.max() <= 1.0
+    assert image.min() >= 0.0 and image.max() <= 1.0
     assert target["image_id"] == info["id"]
     first = [a for a in raw["annotations"] if a["image_id"] == info["id"] and not a["iscrowd"]]
     x, y, w, h = first[0]["bbox"]
@@ -46,9 +46,9 @@ def test_flip_is_seeded_per_image_and_epoch(tiny_shapes):
             flipped_any = True
             assert torch.equal(a_image, image.flip(-1))
             width = image.shape[-1]
-            expected = target["boxes"][:, [2, 1, 0, 3]] * torch.tensor([-1, 1, -1, 1]) + torch.tensor(
-                [width, 0, width, 0]
-            )
+            expected = target["boxes"][:, [2, 1, 0, 3]] * torch.tensor(
+                [-1, 1, -1, 1]
+            ) + torch.tensor([width, 0, width, 0])
             assert torch.allclose(a_target["boxes"], expected)
     assert flipped_any
 

@@ -34,7 +34,7 @@ def test_annotations_are_valid_coco_with_boxes_inside_images(tmp_path, height, w
         assert len(coco.getCatIds()) == len(CLASSES) >= 3
         per_image = Counter(a["image_id"] for a in coco.dataset["annotations"])
         assert set(per_image) == set(coco.getImgIds())  # every image has objects
-        assert 1 <= min(per_image.values()) and max(per_image.values()) <= 8
+        assert min(per_image.values()) >= 1 and max(per_image.values()) <= 8
         for ann in coco.dataset["annotations"]:
             x, y, w, h = ann["bbox"]
             assert w > 0 and h > 0 and x >= 0 and y >= 0
