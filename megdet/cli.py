@@ -20,7 +20,12 @@ import sys
 from pathlib import Path
 
 from megdet import dist
-from megdet.config import config_from_dict, load_config, validate_initialization
+from megdet.config import (
+    config_from_dict,
+    load_config,
+    validate_initialization,
+    with_absolute_data_paths,
+)
 from megdet.errors import MegdetError
 from megdet.logs import setup_logging
 
@@ -39,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = load_config(args.config, args.overrides)
                 if args.command == "train":
                     validate_initialization(cfg)
+                    _check_plan(cfg, args.nproc)
             max_restarts = getattr(args, "max_restarts", 0)
             return launch_local(args.nproc, _without_launch_options(argv), max_restarts)
         return args.handler(args)
@@ -46,6 +52,16 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:  # every rank stops; one says why
             print(f"megdet: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+
+
+def _check_plan(cfg, nproc: int) -> None:
+    """What only the plan can refuse (a batch that does not split over the processes, a BN
+    size that does not fit them), before any worker starts or a folder is made. The number of
+    images does not change these checks."""
+    from megdet.plan import make_plan
+
+    if cfg.train.images_per_device != "auto":  # needs a measurement in the workers
+        make_plan(cfg, nproc, cfg.data.train.num_images or 1)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -145,7 +161,15 @@ def _parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="plots and MegDet Table 1 from finished runs")
     report.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders")
     report.add_argument("--out", type=Path, help="output folder (default FIRST_RUN/report)")
-    report.add_argument("--epochs", metavar="E,F,...", help="Table 1 columns (default 3 epochs)")
+    report.add_argument(
+        "--epochs",
+        metavar="E,F,...",
+        help="Table 1 columns (default: each run's first, middle and last epoch)",
+    )
+    report.add_argument(
+        "--x", choices=("iteration", "epoch"), default="iteration",
+        help="x axis of the loss and lr plot (epoch lines up runs of different batch sizes)"
+    )  # fmt: skip
     report.set_defaults(handler=_cmd_report)
     return parser
 
@@ -160,7 +184,7 @@ def _cmd_report(args) -> int:
         except ValueError:
             raise MegdetError(f"--epochs: expected epochs like 1,4,7, got {args.epochs}") from None
     out = args.out or args.runs[0] / "report"
-    for path in write_report(args.runs, out, epochs):
+    for path in write_report(args.runs, out, epochs, args.x):
         print(path)
     return 0
 
@@ -228,7 +252,7 @@ def _cmd_train(args) -> int:
     from megdet.engine.trainer import train
     from megdet.tasks.detection.task import DetectionTask
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = with_absolute_data_paths(load_config(args.config, args.overrides))
     validate_initialization(cfg)
     run_dir = args.out or Path("runs") / Path(args.config).stem
     if args.resume and args.overwrite:

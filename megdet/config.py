@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -194,6 +195,12 @@ def dump_config(cfg: Config) -> str:
 
 def validate(cfg: Config) -> None:
     """Checks that need more than a type: choices and ranges."""
+    for key, value in _numbers(config_to_dict(cfg)):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
+    steps = cfg.solver.steps
+    if sorted(set(steps)) != steps or any(step <= 0 for step in steps):
+        raise ConfigError(f"solver.steps: must be positive and increasing, got {steps}")
     choices = {
         "model.backbone": (cfg.model.backbone, BACKBONES),
         "model.norm": (cfg.model.norm, NORMS),
@@ -265,6 +272,30 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.anchor_sizes: needs 5 sizes, one per FPN level P2..P6")
     if cfg.solver.policy == "step" and cfg.train.epochs is None:
         raise ConfigError("train.epochs: required with solver.policy=step")
+
+
+def _numbers(tree: dict, prefix: str = ""):
+    """Every float of a config (inside lists too) as (dotted key, value)."""
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _numbers(value, f"{name}.")
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, float):
+                yield name, item
+
+
+def with_absolute_data_paths(cfg: Config) -> Config:
+    """The config a run records: its data paths made absolute, so that ``megdet eval --run``
+    finds the data from any working directory."""
+    splits = {}
+    for name in ("train", "val"):
+        split = getattr(cfg.data, name)
+        absolute = {
+            k: str(Path(v).absolute()) for k in ("json", "images") if (v := getattr(split, k))
+        }
+        splits[name] = dataclasses.replace(split, **absolute)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **splits))
 
 
 def validate_initialization(cfg: Config) -> None:

@@ -98,12 +98,16 @@ class Plan:
             g = self.bn_groups
             where = f"{g.ranks_per_group} process(es)" if not g.local_group_size else "1 process"
             bn = f"; CGBN over {g.images_per_group} images ({where} per group)"
+        length = f"{self.max_iter} iterations"
+        planned = round(self.epochs * self.iters_per_epoch)
+        if self.max_iter < planned:
+            length = f"{planned} iterations, cut to {self.max_iter} by train.max_iter"
         return (
             f"{self.world_size} process(es) x {self.images_per_device} images = global batch "
             f"{self.global_batch}; lr {self.base_lr:g} x {self.global_batch}/{self.base_batch} = "
             f"{self.lr:g}; {self.warmup} warmup from {self.warmup_start_lr:g} over "
             f"{self.warmup_iters} iterations; {self.iters_per_epoch} iterations/epoch x "
-            f"{self.epochs:g} epochs = {self.max_iter} iterations; decay {steps}{bn}"
+            f"{self.epochs:g} epochs = {length}; decay {steps}{bn}"
             + (f"\n{self.memory['summary']}" if self.memory else "")
             + (f"\n{self.precision_note}" if self.precision_note else "")
         )

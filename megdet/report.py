@@ -75,30 +75,31 @@ def sampling_ratios(records: list[dict]) -> dict[str, dict[int, float]]:
 
 
 def table1(runs: list[RunLog], epochs: list[int] | None = None) -> str:
-    """Markdown like MegDet Table 1: positive/negative ratio per batch size at chosen epochs."""
-    all_epochs = sorted({e for run in runs for e in per_epoch(run.train, "rpn_pos")})
-    if not all_epochs:
+    """Markdown like MegDet Table 1: positive/negative ratio per batch size at chosen epochs,
+    or, by default, at each run's own first, middle and last epoch (a batch-256 run and a
+    batch-16 run of the same schedule log different epochs when one stopped early)."""
+    if not any(per_epoch(run.train, "rpn_pos") for run in runs):
         return "No sampling statistics (`rpn_pos`, `roi_pos`) in these runs.\n"
-    if not epochs:
-        epochs = sorted({all_epochs[0], all_epochs[len(all_epochs) // 2], all_epochs[-1]})
+    columns = [f"epoch {e}" for e in epochs] if epochs else ["first epoch", "middle", "last"]
     lines = [
         "| run | global batch | sampler | "
-        + " | ".join(f"epoch {e}: pos/neg (pos, neg per batch)" for e in epochs)
+        + " | ".join(f"{c}: pos/neg (pos, neg per batch)" for c in columns)
         + " |",
-        "|---|---|---|" + "---|" * len(epochs),
+        "|---|---|---|" + "---|" * len(columns),
     ]
     for run in runs:
+        logged = sorted(per_epoch(run.train, "rpn_pos"))
+        chosen = epochs or ([logged[0], logged[len(logged) // 2], logged[-1]] if logged else [])
         ratios = sampling_ratios(run.train)
         for sampler in SAMPLERS:
             pos = per_epoch(run.train, f"{sampler}_pos")
             neg = per_epoch(run.train, f"{sampler}_neg")
             cells = []
-            for e in epochs:
+            for e in chosen or [None] * len(columns):
                 if e in ratios[sampler]:
                     batch = run.global_batch or 1
-                    cells.append(
-                        f"{ratios[sampler][e]:.3f} ({pos[e] * batch:.0f}, {neg[e] * batch:.0f})"
-                    )
+                    cell = f"{ratios[sampler][e]:.3f} ({pos[e] * batch:.0f}, {neg[e] * batch:.0f})"
+                    cells.append(cell if epochs else f"epoch {e}: {cell}")
                 else:
                     cells.append("-")
             lines.append(f"| {run.name} | {run.global_batch} | {sampler} | {' | '.join(cells)} |")
@@ -109,8 +110,12 @@ def table1(runs: list[RunLog], epochs: list[int] | None = None) -> str:
     return "\n".join(lines) + "\n" + note
 
 
-def write_report(run_dirs: list[Path], out_dir: Path, epochs: list[int] | None = None):
-    """Write the PNGs and ``table1.md`` to ``out_dir``; return the paths written."""
+def write_report(
+    run_dirs: list[Path], out_dir: Path, epochs: list[int] | None = None, x: str = "iteration"
+):
+    """Write the PNGs and ``table1.md`` to ``out_dir``; return the paths written. ``x``:
+    ``iteration`` or ``epoch`` on the loss/lr axis (epochs line up runs of different batch
+    sizes, as MegDet's Figure 4 does)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on CI or servers
@@ -123,11 +128,12 @@ def write_report(run_dirs: list[Path], out_dir: Path, epochs: list[int] | None =
 
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     for run in runs:
-        iters = [r["iter"] for r in run.train]
-        ax_loss.plot(iters, [r["loss"] for r in run.train], label=run.name)
-        ax_lr.plot(iters, [r["lr"] for r in run.train], label=run.name)
-    ax_loss.set(ylabel="training loss", title="Loss and learning rate per iteration")
-    ax_lr.set(xlabel="iteration", ylabel="learning rate")
+        steps = [r["iter" if x == "iteration" else "epoch"] for r in run.train]
+        ax_loss.plot(steps, [r["loss"] for r in run.train], label=run.name)
+        # The lr holds from one logged iteration to the next: a step function, not a ramp.
+        ax_lr.plot(steps, [r["lr"] for r in run.train], drawstyle="steps-post", label=run.name)
+    ax_loss.set(ylabel="training loss", title=f"Loss and learning rate per {x}")
+    ax_lr.set(xlabel=x, ylabel="learning rate")
     ax_loss.legend()
     written.append(_save(fig, out_dir / "loss_lr.png"))
 

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +28,9 @@ def test_instant_train_then_eval_through_the_cli(tmp_path):
     made = megdet("data", "shapes", "--out", data, "--train", 16, "--val", 8, "--size", 64)
     assert made.returncode == 0, made.stderr
     run = tmp_path / "run"
-    trained = megdet("train", "--config", "instant_test", "--out", run, *instant_overrides(data))
+    # Relative paths, from the data's folder: `eval --run` below runs from another one.
+    relative = instant_overrides(Path("data"))
+    trained = megdet("train", "--config", "instant_test", "--out", "run", *relative, cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "mmAP" in trained.stdout
 
@@ -118,3 +121,23 @@ def test_worker_arguments_reach_megdet_unparsed_by_torchrun():
         "1:1",
         False,
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--nproc", "2", "train.batch_size=7"], "train.batch_size: 7 images cannot be split"),
+        (["--nproc", "0"], "--nproc: must be >= 1, got 0"),
+        (["--nproc", "-2"], "--nproc: must be >= 1, got -2"),
+        (["--max-restarts", "-1"], "--max-restarts: must be >= 0, got -1"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_bad_launches_are_refused_before_any_worker_starts_or_folder_is_made(
+    tmp_path, args, message
+):
+    run = tmp_path / "run"
+    proc = megdet("train", "--config", "instant_test", "--out", run, *args)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+    assert not run.exists()

@@ -64,6 +64,13 @@ def test_overrides_are_parsed_and_typed():
         ("train.batch_size", "expected key=value"),
         ("solver.factors=[0.1,0.1]", "solver.factors: 2 factor(s) for 1 solver.steps"),
         ("train.eval_period=-1", "train.eval_period: must be >= 0"),
+        ("solver.base_lr=nan", "solver.base_lr: must be a finite number, got nan"),
+        ("solver.base_lr=inf", "solver.base_lr: must be a finite number, got inf"),
+        ("solver.warmup_factor=-inf", "solver.warmup_factor: must be a finite number"),
+        ("solver.steps=[5,nan]", "solver.steps: must be a finite number, got nan"),
+        ("solver.steps=[5,2]", "solver.steps: must be positive and increasing, got [5.0, 2.0]"),
+        ("solver.steps=[5,5]", "solver.steps: must be positive and increasing"),
+        ("solver.steps=[-1]", "solver.steps: must be positive and increasing"),
     ],
 )
 def test_bad_values_are_one_line_errors(override, message):

@@ -31,6 +31,14 @@ def test_bn_size_that_does_not_fit_is_a_one_line_error(bn_size, message):
         _groups(bn_size)
 
 
+def test_plan_says_when_train_max_iter_cuts_the_run():
+    cfg = load_config("instant_test", ["train.max_iter=20"])
+    assert "2 iterations/epoch x 120 epochs = 240 iterations, cut to 20 by train.max_iter" in (
+        make_plan(cfg, 1, 16).summary()
+    )
+    assert "= 240 iterations; decay" in make_plan(load_config("instant_test"), 1, 16).summary()
+
+
 def test_plan_reports_bn_groups():
     plan = make_plan(load_config("coco_r50_fpn", ["model.norm=cgbn", "model.bn_size=32",
                                                   "train.batch_size=64"]), 8, 1000)  # fmt: skip
@@ -64,7 +72,9 @@ def test_plan_command_works_without_the_data_and_prints_lr_at():
     )  # fmt: skip
     plan = json.loads(proc.stdout)
     assert (plan["world_size"], plan["images_per_device"], plan["iters_per_epoch"]) == (128, 2, 459)
-    assert plan["lr_at"] == pytest.approx({"0": 0.02, "250": 0.17, "4000": 0.032})
+    assert plan["warmup_iters"] == 459  # one epoch
+    warm = 0.02 + (0.32 - 0.02) * 250 / 459
+    assert plan["lr_at"] == pytest.approx({"0": 0.02, "250": warm, "4000": 0.032})
 
 
 def _estimate():

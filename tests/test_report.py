@@ -43,8 +43,21 @@ def test_table1_rows_per_run_and_sampler(tmp_path):
     assert "| b64 (batch 64) | 64 | rpn | 0.250 (128, 512) | 0.500 (256, 512) |" in rows
 
 
+def test_table1_takes_each_runs_own_first_middle_and_last_epoch(tmp_path):
+    """A run that stopped at epoch 2 beside one of 5 epochs: each gets its own epochs, not
+    the union's (which left the short run with dashes)."""
+    runs = [read_run(_fake_run(tmp_path / "short", 16, epochs=2)),
+            read_run(_fake_run(tmp_path / "long", 64, epochs=5))]  # fmt: skip
+    rows = [line for line in table1(runs).splitlines() if line.startswith("| ")][1:]
+    assert "| first epoch: pos/neg (pos, neg per batch) | middle" in table1(runs)
+    short, long = rows[1], rows[3]
+    assert "epoch 1: 0.250 (32, 128) | epoch 2: 0.375 (48, 128) | epoch 2: 0.375" in short
+    assert "epoch 1: 0.250 (128, 512) | epoch 3: 0.500 (256, 512) | epoch 5: 0.750" in long
+
+
 def test_write_report_makes_readable_pngs_and_the_table(tmp_path):
     runs = [_fake_run(tmp_path / "b16", 16), _fake_run(tmp_path / "b64", 64, pos=3.0)]
+    assert len(write_report(runs, tmp_path / "by_epoch", x="epoch")) == 4
     written = write_report(runs, tmp_path / "out")
     assert {p.name for p in written} == {
         "loss_lr.png", "mmap_per_epoch.png", "pos_neg_ratio.png", "table1.md"

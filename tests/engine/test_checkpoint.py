@@ -1,3 +1,6 @@
+import os
+import stat
+
 import pytest
 import torch
 
@@ -61,3 +64,16 @@ def test_weights_of_another_model_name_the_keys_that_do_not_fit():
     assert "'1.running_mean'" in message  # missing
     assert "'0.weight'" in message  # wrong shape
     load_model_state(model, model.state_dict(), "same.pt")  # its own weights fit
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_run_files_respect_the_umask(tmp_path, umask, mode):
+    """Atomic writes go through mkstemp, whose files are 0600 whatever the umask."""
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "plan.json", "{}")
+        save_checkpoint(tmp_path / "last.pt", {"model": {}})
+    finally:
+        os.umask(old)
+    for name in ("plan.json", "last.pt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
