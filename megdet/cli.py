@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -46,12 +47,56 @@ def main(argv: list[str] | None = None) -> int:
                     validate_initialization(cfg)
                     _check_plan(cfg, args.nproc)
             max_restarts = getattr(args, "max_restarts", 0)
-            return launch_local(args.nproc, _without_launch_options(argv), max_restarts)
+            worker_argv = _without_launch_options(argv)
+            ended = launch_local(args.nproc, worker_argv, max_restarts, ["megdet", *argv])
+            if ended.reported:
+                print(ended.reported, file=sys.stderr)
+            elif ended.exit_code:
+                print(_describe_failure(args, ended.cause), file=sys.stderr)
+            return ended.exit_code
         return args.handler(args)
     except MegdetError as exc:
-        if int(os.environ.get("RANK", "0")) == 0:  # every rank stops; one says why
-            print(f"megdet: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        from megdet.launch import report_to_launcher
+
+        line = f"megdet: error: {' '.join(str(exc).split())}"
+        # Under the launcher it prints the line once; under torchrun, rank 0 does.
+        if not report_to_launcher("error", line) and int(os.environ.get("RANK", "0")) == 0:
+            print(line, file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (inside, it stops cleanly)
+        if int(os.environ.get("RANK", "0")) == 0 and not _under_launcher():
+            print("megdet: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Exception as exc:
+        from megdet.launch import lost_peer, report_to_launcher
+
+        # Another worker died under this one: the launcher says which and why; this
+        # worker's traceback about a closed connection would only bury that line.
+        if _under_launcher() and lost_peer(exc) and report_to_launcher("lost_peer", str(exc)):
+            return 1
+        raise
+
+
+def _describe_failure(args, cause: str) -> str:
+    """The launcher's line for workers that ended without saying why (killed, crashed): what
+    happened, and for training where it can continue from."""
+    line = f"megdet: error: {cause}"
+    if args.command != "train":
+        return line
+    from megdet.engine.checkpoint import newest_checkpoint
+
+    run_dir = args.out or Path("runs") / Path(args.config).stem
+    try:
+        found = newest_checkpoint(run_dir / "checkpoints")
+    except MegdetError:
+        found = None
+    if found is None:
+        return f"{line}; no checkpoint was written"
+    state, path = found
+    return (
+        f"{line}; the last checkpoint is at iteration {state['iteration']} ({path}); continue "
+        f"with: {resume_command(run_dir, ['megdet', *sys.argv[1:]])}"
+    )
 
 
 def _check_plan(cfg, nproc: int) -> None:
@@ -249,7 +294,9 @@ def _cmd_plan(args) -> int:
 
 def _cmd_train(args) -> int:
     from megdet.engine.run_dir import check_run_dir
+    from megdet.engine.stop import STOPPED_EXIT_CODE, StopRequested
     from megdet.engine.trainer import train
+    from megdet.launch import report_to_launcher
     from megdet.tasks.detection.task import DetectionTask
 
     cfg = with_absolute_data_paths(load_config(args.config, args.overrides))
@@ -269,12 +316,41 @@ def _cmd_train(args) -> int:
         if problem:
             raise MegdetError(problem)
         task = DetectionTask(cfg)
-        result = train(cfg, task, run_dir, ctx, resume=resume, replace=overwrite)
+        try:
+            result = train(cfg, task, run_dir, ctx, resume=resume, replace=overwrite)
+        except StopRequested as stopped:
+            if ctx.is_main:
+                line = (
+                    f"megdet: {stopped}; checkpoint {stopped.checkpoint}; resume with: "
+                    f"{resume_command(run_dir)}"
+                )
+                if not report_to_launcher("stopped", line):
+                    print(line, file=sys.stderr)
+            return STOPPED_EXIT_CODE
         if ctx.is_main:
             _print_final(run_dir, result.metrics)
     finally:
         dist.shutdown()
     return 0
+
+
+def resume_command(run_dir: Path, typed: list[str] | None = None) -> str:
+    """The command that continues this run: as it was typed (the launcher passes it on in
+    MEGDET_COMMAND), without --overwrite, with --resume and this --out."""
+    import shlex
+
+    from megdet.launch import COMMAND
+
+    argv = typed or shlex.split(os.environ.get(COMMAND, "")) or ["megdet", *sys.argv[1:]]
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--out":
+            skip = True
+        elif item not in ("--overwrite", "--resume") and not item.startswith("--out="):
+            kept.append(item)
+    return shlex.join([*kept, "--out", str(run_dir), "--resume"])
 
 
 def _cmd_eval(args) -> int:

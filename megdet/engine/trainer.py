@@ -21,9 +21,10 @@ from megdet.config import Config, config_to_dict, dump_config
 from megdet.data.coco import collate
 from megdet.data.sampler import GlobalShuffleSampler
 from megdet.engine.amp import MixedPrecision
-from megdet.engine.checkpoint import load_model_state, newest_checkpoint, save_checkpoint
+from megdet.engine.checkpoint import LAST, load_model_state, newest_checkpoint, save_checkpoint
 from megdet.engine.events import EventWriter
 from megdet.engine.run_dir import start_run_dir
+from megdet.engine.stop import StopRequested, StopSignals
 from megdet.errors import MegdetError
 from megdet.nn import norm_layer
 from megdet.plan import Plan, make_plan
@@ -120,43 +121,55 @@ def train(
     )
     eval_every = cfg.train.eval_period * plan.iters_per_epoch
     model.train()
-    for iteration, batch in enumerate(loader, start=start_iter):
-        lr = lr_at(plan, iteration)
-        set_lr(optimizer, lr)
-        images, targets = task.to_device(batch, ctx.device, dtype)
-        task.begin_step(model, targets)
-        with amp.autocast():
-            losses = task.global_batch_losses(model, ddp(images, targets))
-        loss = sum(losses.values())
-        # The mean loss over all processes, all-reduced while backward runs.
-        health = torch.stack([loss.detach().double(), (~torch.isfinite(loss)).double()])
-        health_work = dist.all_reduce_sum_async(health)
-        optimizer.zero_grad(set_to_none=True)
-        amp.backward(loss, optimizer)
-        grad_norm = _stop_if_diverged(
-            health, health_work, model, losses, iteration, lr, cfg, run_dir, ctx, amp
-        )
-        _clip_gradients(model, grad_norm, cfg.solver.clip_grad_norm)
-        amp.step(optimizer, grad_norm)
-        events.step()
+    with StopSignals() as stop:
+        for iteration, batch in enumerate(loader, start=start_iter):
+            lr = lr_at(plan, iteration)
+            set_lr(optimizer, lr)
+            images, targets = task.to_device(batch, ctx.device, dtype)
+            task.begin_step(model, targets)
+            with amp.autocast():
+                losses = task.global_batch_losses(model, ddp(images, targets))
+            loss = sum(losses.values())
+            # The mean loss over all processes, all-reduced while backward runs.
+            # With it, whether a stop signal reached any process: all stop after the same step.
+            asked = torch.full((), float(stop.requested), dtype=torch.float64, device=loss.device)
+            flags = [(~torch.isfinite(loss)).double(), asked]
+            health = torch.stack([loss.detach().double(), *flags])
+            health_work = dist.all_reduce_sum_async(health)
+            optimizer.zero_grad(set_to_none=True)
+            amp.backward(loss, optimizer)
+            grad_norm = _stop_if_diverged(
+                health, health_work, model, losses, iteration, lr, cfg, run_dir, ctx, amp
+            )
+            _clip_gradients(model, grad_norm, cfg.solver.clip_grad_norm)
+            amp.step(optimizer, grad_norm)
+            events.step()
 
-        done = iteration + 1
-        if done % cfg.log.period == 0 or done == plan.max_iter:
-            # One collective and one host sync per logged iteration, not per loss term.
-            values = dist.reduce_mean_dict({**losses, "loss": loss, **task.step_statistics(model)})
-            if math.isfinite(grad_norm):  # before clipping; the same on every rank
-                values["grad_norm"] = grad_norm
-            values.update(amp.statistics())
-            values.update(task.batch_statistics(values, plan.global_batch))
-            events.training(iteration, done / plan.iters_per_epoch, lr, values)
-        if done == plan.max_iter:
-            break
-        if cfg.train.checkpoint_period and done % cfg.train.checkpoint_period == 0:
-            dist.average_buffers(model)
-            _save(run_dir, model, optimizer, amp, done, cfg, plan, ctx)
-        if eval_every and done % eval_every == 0:
-            dist.average_buffers(model)
-            _evaluate(task, model, ctx, run_dir, done, plan, events, announce=True)
+            done = iteration + 1
+            if done % cfg.log.period == 0 or done == plan.max_iter:
+                # One collective and one host sync per logged iteration, not per loss term.
+                values = dist.reduce_mean_dict(
+                    {**losses, "loss": loss, **task.step_statistics(model)}
+                )
+                if math.isfinite(grad_norm):  # before clipping; the same on every rank
+                    values["grad_norm"] = grad_norm
+                values.update(amp.statistics())
+                values.update(task.batch_statistics(values, plan.global_batch))
+                events.training(iteration, done / plan.iters_per_epoch, lr, values)
+            if done == plan.max_iter:
+                break
+            if health[2].item() > 0:  # the all-reduce finished in _stop_if_diverged
+                dist.average_buffers(model)
+                _save(run_dir, model, optimizer, amp, done, cfg, plan, ctx)
+                events.close()
+                name = stop.signal_name or "a stop signal to another process"
+                raise StopRequested(done, plan.max_iter, name, run_dir / "checkpoints" / LAST)
+            if cfg.train.checkpoint_period and done % cfg.train.checkpoint_period == 0:
+                dist.average_buffers(model)
+                _save(run_dir, model, optimizer, amp, done, cfg, plan, ctx)
+            if eval_every and done % eval_every == 0:
+                dist.average_buffers(model)
+                _evaluate(task, model, ctx, run_dir, done, plan, events, announce=True)
 
     dist.average_buffers(model)
     _save(run_dir, model, optimizer, amp, plan.max_iter, cfg, plan, ctx)
@@ -175,7 +188,7 @@ def _stop_if_diverged(
     the gradient norm after DDP averaged the gradients, so no process is left waiting."""
     if work is not None:
         work.wait()
-    mean_loss, nonfinite = (health / ctx.world_size).tolist()
+    mean_loss, nonfinite = (health[:2] / ctx.world_size).tolist()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
     too_high = cfg.train.max_loss is not None and mean_loss > cfg.train.max_loss
