@@ -1,5 +1,6 @@
 import json
 
+import PIL.Image
 import pytest
 import torch
 
@@ -70,3 +71,13 @@ def test_bad_annotation_files_are_clear_errors(tmp_path, tiny_shapes):
     wrong.write_text(json.dumps(data))
     with pytest.raises(DataError, match="unknown category_id 999"):
         read_coco(wrong)
+
+
+def test_a_decompression_bomb_is_a_one_line_data_error(tiny_shapes, monkeypatch):
+    """PIL refuses images of more than 2 x MAX_IMAGE_PIXELS (a 20000 x 20000 PNG) with an
+    error that is not an OSError; lowered here so that a 64 px image is one."""
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 64 * 64 // 3)
+    index = read_coco(tiny_shapes / "annotations" / "instances_train.json")
+    dataset = CocoDetection(index, tiny_shapes / "train")
+    with pytest.raises(DataError, match=r"cannot read image \(DecompressionBombError: Image size"):
+        dataset[0]
