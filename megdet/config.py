@@ -115,6 +115,9 @@ class TrainConfig:
     # Mixed precision: none; bf16 (autocast); fp16 (autocast + loss scaling). Convolutions and
     # matrix products in half precision; BN statistics, box coordinates and losses in float32.
     amp: str = "none"
+    # The gradient noise scale (gns, grad_sq, grad_var, per module group) in metrics.jsonl, from
+    # each process's gradient and the all-reduced one; needs 2+ processes (engine/noise_scale.py).
+    gns: bool = True
 
 
 @dataclass

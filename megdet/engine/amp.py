@@ -40,6 +40,10 @@ class MixedPrecision:
         if self.scaler.is_enabled():
             self.scaler.unscale_(optimizer)
 
+    def loss_scale(self) -> float:
+        """The factor the loss was multiplied by for this step's backward (1 without fp16)."""
+        return self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+
     def overflow_skipped(self, grad_norm: float) -> bool:
         """A non-finite gradient that the fp16 scaler skips (and halves its scale for); at a
         scale below 1 the gradient itself overflows fp16: a real divergence."""

@@ -23,6 +23,7 @@ from megdet.data.sampler import GlobalShuffleSampler
 from megdet.engine.amp import MixedPrecision
 from megdet.engine.checkpoint import LAST, load_model_state, newest_checkpoint, save_checkpoint
 from megdet.engine.events import EventWriter
+from megdet.engine.noise_scale import NoiseScale
 from megdet.engine.run_dir import start_run_dir
 from megdet.engine.stop import StopRequested, StopSignals
 from megdet.errors import MegdetError
@@ -91,6 +92,13 @@ def train(
     amp = MixedPrecision(cfg.train.amp, ctx.device)
     start_iter = _restore(found, model, optimizer, amp, plan) if found else 0
     ddp = _data_parallel(model) if ctx.world_size > 1 else model
+    noise = None
+    if cfg.train.gns and ctx.world_size > 1:
+        groups = task.parameter_groups(model)
+        noise = NoiseScale(groups, plan.images_per_device, ctx.world_size)
+        noise.attach(ddp)
+        if found:
+            noise.load_state_dict(found[0].get("noise_scale", {}))
 
     sampler = GlobalShuffleSampler(
         task.num_train_images,
@@ -141,6 +149,7 @@ def train(
             grad_norm = _stop_if_diverged(
                 health, health_work, model, losses, iteration, lr, cfg, run_dir, ctx, amp
             )
+            noise_scale = noise.measure(model, amp.loss_scale()) if noise else {}
             _clip_gradients(model, grad_norm, cfg.solver.clip_grad_norm)
             amp.step(optimizer, grad_norm)
             events.step()
@@ -154,25 +163,26 @@ def train(
                 if math.isfinite(grad_norm):  # before clipping; the same on every rank
                     values["grad_norm"] = grad_norm
                 values.update(amp.statistics())
+                values.update(noise_scale)
                 values.update(task.batch_statistics(values, plan.global_batch))
                 events.training(iteration, done / plan.iters_per_epoch, lr, values)
             if done == plan.max_iter:
                 break
             if health[2].item() > 0:  # the all-reduce finished in _stop_if_diverged
                 dist.average_buffers(model)
-                _save(run_dir, model, optimizer, amp, done, cfg, plan, ctx)
+                _save(run_dir, model, optimizer, amp, noise, done, cfg, plan, ctx)
                 events.close()
                 name = stop.signal_name or "a stop signal to another process"
                 raise StopRequested(done, plan.max_iter, name, run_dir / "checkpoints" / LAST)
             if cfg.train.checkpoint_period and done % cfg.train.checkpoint_period == 0:
                 dist.average_buffers(model)
-                _save(run_dir, model, optimizer, amp, done, cfg, plan, ctx)
+                _save(run_dir, model, optimizer, amp, noise, done, cfg, plan, ctx)
             if eval_every and done % eval_every == 0:
                 dist.average_buffers(model)
                 _evaluate(task, model, ctx, run_dir, done, plan, events, announce=True)
 
     dist.average_buffers(model)
-    _save(run_dir, model, optimizer, amp, plan.max_iter, cfg, plan, ctx)
+    _save(run_dir, model, optimizer, amp, noise, plan.max_iter, cfg, plan, ctx)
     metrics = _evaluate(task, model, ctx, run_dir, plan.max_iter, plan, events, announce=False)
     events.close()
     return TrainResult(model, plan, metrics)
@@ -280,13 +290,14 @@ def _evaluate(task, model, ctx, run_dir, iteration, plan: Plan, events, announce
     return metrics
 
 
-def _save(run_dir, model, optimizer, amp, iteration, cfg, plan: Plan, ctx) -> None:
+def _save(run_dir, model, optimizer, amp, noise, iteration, cfg, plan: Plan, ctx) -> None:
     if not ctx.is_main:
         return
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "amp": amp.state_dict(),
+        "noise_scale": noise.state_dict() if noise else {},
         "iteration": iteration,  # the next iteration to run
         "epoch": iteration // plan.iters_per_epoch,
         "position_in_epoch": iteration % plan.iters_per_epoch,  # global batches done

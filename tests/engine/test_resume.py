@@ -28,8 +28,9 @@ def _train(rank, world_size, root, run_dir, max_iter, resume, amp="none"):
 
 
 def _losses(run_dir):
+    """Loss and gradient noise scale per iteration (the noise scale's EMAs are resumed too)."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["iter"]: r["loss"] for r in records if "loss" in r}
+    return {r["iter"]: (r["loss"], r.get("gns")) for r in records if "loss" in r}
 
 
 @pytest.mark.slow
@@ -49,6 +50,7 @@ def test_stop_and_resume_gives_the_weights_of_a_straight_run(tiny_shapes, tmp_pa
     for key, value in expected.items():
         assert torch.equal(resumed[key], value), key  # bitwise: same world size, same CPU
     assert _losses(split) == _losses(straight)
+    assert all(gns is not None for _, gns in _losses(straight).values())
     assert sorted(_losses(split)) == list(range(1, 9))
     state = torch.load(split / "checkpoints" / "last.pt", weights_only=True)
     assert (state["iteration"], state["epoch"], state["position_in_epoch"]) == (8, 4, 0)

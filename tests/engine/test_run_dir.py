@@ -83,14 +83,19 @@ def test_a_folder_that_cannot_be_written_is_named_before_anything_starts(tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
 def test_a_run_that_fails_before_its_first_iteration_does_not_block_the_rerun(
-    tiny_shapes, tmp_path
+    tiny_shapes, tmp_path, nproc
 ):
+    """With 2 processes one image is broken: the rank that reads it says so, in one line;
+    the other rank's error about a lost connection is not printed."""
     data = tmp_path / "data"
     shutil.copytree(tiny_shapes, data)
-    for image in (data / "train").iterdir():
+    images = sorted((data / "train").iterdir())
+    for image in images if nproc == 1 else images[1:2]:
         image.write_bytes(b"not an image")
     run = tmp_path / "run"
-    proc = megdet("train", "--config", "instant_test", "--out", run, *instant_overrides(data))
-    _one_line(proc, "cannot read image")
+    proc = megdet("train", "--config", "instant_test", "--out", run, "--nproc", nproc,
+                  "data.hflip=false", *instant_overrides(data))  # fmt: skip
+    _one_line(proc, "cannot read image (UnidentifiedImageError")
     assert check_run_dir(run, overwrite=False, resume=False) is None

@@ -99,6 +99,17 @@ class DetectionTask:
         model.roi_heads.fg_bg_sampler.image_keys = keys
 
     @staticmethod
+    def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+        """The module groups whose gradient statistics differ (AGVM's split of a detector)."""
+        parts = {
+            "backbone": model.backbone.body,
+            "fpn": model.backbone.fpn,
+            "rpn": model.rpn,
+            "box_head": model.roi_heads,
+        }
+        return {name: list(part.parameters()) for name, part in parts.items()}
+
+    @staticmethod
     def step_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
         """MegDet Table 1: sampled positives and negatives per image, in the RPN and RoI heads."""
         stats = {}

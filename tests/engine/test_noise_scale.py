@@ -1,0 +1,98 @@
+"""The gradient noise scale from a DDP communication hook equals McCandlish et al.'s estimators
+computed in float64 from per-sample gradients, per module group, over 2 and 4 processes."""
+
+import pytest
+import torch
+from torch import nn
+
+from megdet.engine.noise_scale import NoiseScale
+from tests.distributed import run_in_processes
+
+PER_PROCESS = 3
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+
+
+def _data(total: int):
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(total, 3, generator=generator, dtype=torch.float64)
+    targets = torch.randn(total, 2, generator=generator, dtype=torch.float64)
+    return inputs, targets
+
+
+def _loss(model, inputs, targets):
+    return ((model(inputs) - targets) ** 2).sum(1).mean()  # the mean over the images
+
+
+def _groups(model):
+    return {"first": list(model[0].parameters()), "second": list(model[2].parameters())}
+
+
+def _measure(rank, world_size, steps):
+    model = _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    noise = NoiseScale(_groups(model), PER_PROCESS, world_size)
+    noise.attach(ddp)
+    inputs, targets = _data(PER_PROCESS * world_size)
+    mine = slice(rank * PER_PROCESS, (rank + 1) * PER_PROCESS)
+    for _ in range(steps):
+        ddp.zero_grad()
+        _loss(ddp, inputs[mine], targets[mine]).backward()
+        statistics = noise.measure(model)
+    return statistics, noise.state_dict()
+
+
+def _reference(world_size):
+    """The estimators from per-sample gradients: g_b per process, g_B of the whole batch."""
+    model = _model()
+    inputs, targets = _data(PER_PROCESS * world_size)
+    per_sample = []
+    for x, y in zip(inputs, targets, strict=True):
+        model.zero_grad()
+        _loss(model, x[None], y[None]).backward()
+        per_sample.append({n: [p.grad.clone() for p in ps] for n, ps in _groups(model).items()})
+
+    def squared_norm_of_mean(samples, name):
+        grads = [sum(s[name][i] for s in samples) / len(samples) for i in range(2)]
+        return sum((g**2).sum() for g in grads).item()
+
+    b, B = PER_PROCESS, PER_PROCESS * world_size
+    expected = {}
+    total_small = total_big = 0.0
+    for name in ("first", "second", None):
+        if name is None:
+            small, big = total_small, total_big
+        else:
+            chunks = [per_sample[r * b : (r + 1) * b] for r in range(world_size)]
+            small = sum(squared_norm_of_mean(c, name) for c in chunks) / world_size
+            big = squared_norm_of_mean(per_sample, name)
+            total_small, total_big = total_small + small, total_big + big
+        suffix = f"_{name}" if name else ""
+        grad_sq = (B * big - b * small) / (B - b)
+        grad_var = (small - big) / (1 / b - 1 / B)
+        expected |= {f"grad_sq{suffix}": grad_sq, f"grad_var{suffix}": grad_var}
+        if grad_sq > 0:
+            expected[f"gns{suffix}"] = grad_var / grad_sq
+    return expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_hook_estimates_equal_the_float64_per_sample_computation(world_size):
+    # The same batch every step: the bias-corrected EMA of equal estimates is that estimate.
+    results = run_in_processes(_measure, world_size, 3)
+    expected = _reference(world_size)
+    for statistics, state in results:
+        assert statistics.keys() == expected.keys()
+        for key, value in expected.items():
+            assert statistics[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+        assert state["steps"] == 3
+    assert all(r[0] == results[0][0] for r in results)  # every process: the same numbers
+
+
+def test_one_process_is_refused():
+    with pytest.raises(ValueError, match="2\\+ processes"):
+        NoiseScale({}, 4, 1)
