@@ -159,12 +159,36 @@ def write_report(
         ax.legend()
     written.append(_save(fig, out_dir / "pos_neg_ratio.png"))
 
+    written.append(_plot_noise_scale(runs, out_dir / "noise_scale.png", plt, x))
+
     table = out_dir / "table1.md"
     atomic_write_text(
         table, "# Positive and negative samples (MegDet Table 1)\n\n" + table1(runs, epochs)
     )
     written.append(table)
     return written
+
+
+def _plot_noise_scale(runs: list[RunLog], path: Path, plt, x: str) -> Path:
+    """The gradient noise scale B_simple of each run over training, its global batch as a
+    dashed line of the same color: a batch far above the noise scale buys little per image."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run in runs:
+        points = [(r["iter" if x == "iteration" else "epoch"], r["gns"]) for r in run.train
+                  if r.get("gns", 0) > 0]  # fmt: skip
+        if not points:
+            continue
+        (line,) = ax.plot(*zip(*points, strict=True), label=f"{run.name}: noise scale")
+        if run.global_batch:
+            ax.axhline(run.global_batch, color=line.get_color(), linestyle="--", linewidth=1)
+    ax.set(xlabel=x, ylabel="images", title="Gradient noise scale B_simple (dashed: the batch)")
+    if ax.lines:
+        ax.set_yscale("log")
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no noise scale logged (train.gns with 2+ processes)", ha="center",
+                transform=ax.transAxes)  # fmt: skip
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:

@@ -63,7 +63,8 @@ def test_instant_train_then_eval_through_the_cli(tmp_path):
 
     reported = megdet("report", run)
     assert reported.returncode == 0, reported.stderr[-3000:]
-    names = {"loss_lr.png", "mmap_per_epoch.png", "pos_neg_ratio.png", "table1.md"}
+    names = {"loss_lr.png", "mmap_per_epoch.png", "pos_neg_ratio.png", "noise_scale.png"}
+    names.add("table1.md")
     assert {p.name for p in (run / "report").iterdir()} == names
     assert "| rpn |" in (run / "report" / "table1.md").read_text()
 

@@ -20,6 +20,7 @@ def _fake_run(path, global_batch, iters_per_epoch=4, epochs=3, pos=2.0):
         lines.append(json.dumps({
             "iter": it, "epoch": epoch, "lr": 0.01 * it, "loss": 2.0 / it,
             "rpn_pos": pos + e - 1, "rpn_neg": 8.0, "roi_pos": pos + e - 1, "roi_neg": 8.0,
+            "gns": 100.0 + it,
         }))  # fmt: skip
         if it % iters_per_epoch == 0:
             lines.append(json.dumps({"iter": it, "epoch": epoch, "eval": {"mmAP": 0.1 * e}}))
@@ -57,10 +58,10 @@ def test_table1_takes_each_runs_own_first_middle_and_last_epoch(tmp_path):
 
 def test_write_report_makes_readable_pngs_and_the_table(tmp_path):
     runs = [_fake_run(tmp_path / "b16", 16), _fake_run(tmp_path / "b64", 64, pos=3.0)]
-    assert len(write_report(runs, tmp_path / "by_epoch", x="epoch")) == 4
+    assert len(write_report(runs, tmp_path / "by_epoch", x="epoch")) == 5
     written = write_report(runs, tmp_path / "out")
     assert {p.name for p in written} == {
-        "loss_lr.png", "mmap_per_epoch.png", "pos_neg_ratio.png", "table1.md"
+        "loss_lr.png", "mmap_per_epoch.png", "pos_neg_ratio.png", "noise_scale.png", "table1.md"
     }  # fmt: skip
     for path in written:
         if path.suffix == ".png":

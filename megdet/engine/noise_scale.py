@@ -51,7 +51,8 @@ class NoiseScale:
         size = len(self.names) + 1  # the groups, then all parameters
         self.grad_sq = torch.zeros(size, dtype=torch.float64)
         self.grad_var = torch.zeros(size, dtype=torch.float64)
-        self._local: torch.Tensor | None = None
+        self._local: torch.Tensor | None = None  # this step's, summed over the buckets
+        self._pending: tuple | None = None  # the last step's all-reduce and squared norms
 
     def attach(self, ddp: nn.parallel.DistributedDataParallel) -> None:
         ddp.register_comm_hook(state=None, hook=self._hook)
@@ -62,24 +63,44 @@ class NoiseScale:
             self._local = torch.zeros(
                 len(self.names), dtype=torch.float64, device=bucket.buffer().device
             )
-        for param, grad in zip(bucket.parameters(), bucket.gradients(), strict=True):
-            group = self._index.get(id(param), len(self.names) - 1)
-            self._local[group] += torch.linalg.vector_norm(grad, dtype=torch.float64) ** 2
-        return default_hooks.allreduce_hook(None, bucket)  # the default group
+        self._local += self._squared_norms(bucket.parameters(), bucket.gradients())
+        return default_hooks.allreduce_hook(None, bucket)  # the default group, as DDP's
 
-    def measure(self, model: nn.Module, loss_scale: float = 1.0) -> dict[str, float]:
-        """After backward, on every process: this step's estimates, folded into the EMAs.
-        ``loss_scale``: the fp16 loss scale of the backward, which the gradients the hook saw
-        still carried (the model's are unscaled by now). One all-reduce of a few numbers."""
-        parameters = [p for p in model.parameters() if p.grad is not None]
-        device = parameters[0].grad.device if parameters else torch.device("cpu")
-        local = self._local if self._local is not None else torch.zeros(len(self.names))
+    def _squared_norms(self, params, grads) -> torch.Tensor:
+        """Squared norm of the gradients of each group (foreach kernels: a few launches)."""
+        by_group: dict[int, list[torch.Tensor]] = {}
+        for param, grad in zip(params, grads, strict=True):
+            by_group.setdefault(self._index.get(id(param), len(self.names) - 1), []).append(grad)
+        norms = torch.zeros(len(self.names), dtype=torch.float64, device=grads[0].device)
+        for group, tensors in by_group.items():
+            norms[group] = torch.nn.utils.get_total_norm(tensors).double() ** 2
+        return norms
+
+    def measure(self, model: nn.Module, loss_scale: float = 1.0) -> None:
+        """After backward, on every process: this step's squared norms, local ones averaged
+        over the processes by an all-reduce that overlaps the optimizer step (it is finished,
+        and the EMAs updated, at the next ``measure`` or ``statistics``). ``loss_scale``: the
+        fp16 loss scale of the backward, which the gradients the hook saw still carried (the
+        model's are unscaled by now)."""
+        self._finish()
+        params = [p for p in model.parameters() if p.grad is not None]
+        if not params or self._local is None:
+            local = torch.zeros(len(self.names), dtype=torch.float64)
+            big = torch.zeros(len(self.names), dtype=torch.float64)
+        else:
+            local, big = self._local, self._squared_norms(params, [p.grad for p in params])
         self._local = None
-        small = dist.all_reduce_sum(local.to(device, torch.float64)) / dist.get_world_size()
-        big = torch.zeros(len(self.names), dtype=torch.float64, device=device)
-        for param in parameters:
-            group = self._index.get(id(param), len(self.names) - 1)
-            big[group] += torch.linalg.vector_norm(param.grad, dtype=torch.float64) ** 2
+        work = dist.all_reduce_sum_async(local)
+        self._pending = (work, local, big, loss_scale)
+
+    def _finish(self) -> None:
+        if self._pending is None:
+            return
+        work, local, big, loss_scale = self._pending
+        self._pending = None
+        if work is not None:
+            work.wait()
+        small = local / dist.get_world_size()
         small = torch.cat([small, small.sum().view(1)]).cpu() / loss_scale**2
         big = torch.cat([big, big.sum().view(1)]).cpu()
         b, B = self.small, self.big
@@ -89,11 +110,11 @@ class NoiseScale:
             self.steps += 1
             self.grad_sq.mul_(self.beta).add_(grad_sq, alpha=1 - self.beta)
             self.grad_var.mul_(self.beta).add_(grad_var, alpha=1 - self.beta)
-        return self.statistics()
 
     def statistics(self) -> dict[str, float]:
         """``gns``, ``grad_sq``, ``grad_var`` of all parameters and ``*_<group>`` of each
         group, from the bias-corrected EMAs (empty before the first step)."""
+        self._finish()
         if not self.steps:
             return {}
         correction = 1 - self.beta**self.steps
@@ -110,6 +131,7 @@ class NoiseScale:
         return {k: v for k, v in values.items() if math.isfinite(v)}
 
     def state_dict(self) -> dict:
+        self._finish()
         return {"steps": self.steps, "grad_sq": self.grad_sq.clone(), "grad_var": self.grad_var}
 
     def load_state_dict(self, state: dict) -> None:

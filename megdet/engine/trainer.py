@@ -149,7 +149,8 @@ def train(
             grad_norm = _stop_if_diverged(
                 health, health_work, model, losses, iteration, lr, cfg, run_dir, ctx, amp
             )
-            noise_scale = noise.measure(model, amp.loss_scale()) if noise else {}
+            if noise:
+                noise.measure(model, amp.loss_scale())
             _clip_gradients(model, grad_norm, cfg.solver.clip_grad_norm)
             amp.step(optimizer, grad_norm)
             events.step()
@@ -163,7 +164,7 @@ def train(
                 if math.isfinite(grad_norm):  # before clipping; the same on every rank
                     values["grad_norm"] = grad_norm
                 values.update(amp.statistics())
-                values.update(noise_scale)
+                values.update(noise.statistics() if noise else {})
                 values.update(task.batch_statistics(values, plan.global_batch))
                 events.training(iteration, done / plan.iters_per_epoch, lr, values)
             if done == plan.max_iter:

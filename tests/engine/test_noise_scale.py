@@ -41,8 +41,8 @@ def _measure(rank, world_size, steps):
     for _ in range(steps):
         ddp.zero_grad()
         _loss(ddp, inputs[mine], targets[mine]).backward()
-        statistics = noise.measure(model)
-    return statistics, noise.state_dict()
+        noise.measure(model)
+    return noise.statistics(), noise.state_dict()
 
 
 def _reference(world_size):
