@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from megdet.report import per_epoch
+
 ROOT = Path(__file__).resolve().parent.parent
 # The studies' shapes set: 8,000 images at 64 px give batch 256 31 iterations an epoch.
 STUDY_DATA = ROOT / "experiments" / "data" / "shapes64_8k"
@@ -71,6 +73,9 @@ def run(row: Row, seed: int, runs: Path, common: list[str], config: str = "defau
         raise SystemExit(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     result["mmAP_per_epoch"] = [round(100 * r["eval"]["mmAP"], 2) for r in records if "eval" in r]
+    noise = per_epoch([r for r in records if "eval" not in r], "gns")  # issue 15
+    if noise:
+        result["gns_per_epoch"] = [round(value, 1) for value in noise.values()]
     plan = json.loads((out / "plan.json").read_text())
     result["plan"] = {k: plan[k] for k in ("global_batch", "lr", "warmup_iters", "max_iter")}
     if not diverged:
@@ -100,17 +105,19 @@ def summarize(rows: list[Row], results: dict[str, list[dict]]) -> list[list[str]
             mean = f"{statistics.mean(finals):.2f} ± {statistics.stdev(finals):.2f}"
         else:
             mean = f"{finals[0]:.2f}" if finals else "—"
+        noise = [r["gns_per_epoch"] for r in done if r.get("gns_per_epoch")]
+        noise_cell = " / ".join(f"{n[0]:.0f} → {n[-1]:.0f}" for n in noise) or "—"
         lines.append([
             row.name, str(plan["global_batch"]), f"{plan['lr']:.3g}", str(plan["warmup_iters"]),
             str(plan["max_iter"]), mean, " / ".join(f"{f:.2f}" for f in finals) or "—",
-            "; ".join(diverged) or "none", " ".join(row.overrides) or "(preset)",
+            "; ".join(diverged) or "none", noise_cell, " ".join(row.overrides) or "(preset)",
         ])  # fmt: skip
     return lines
 
 
 def write_table(path: Path, title: str, notes: str, rows: list[Row], results: dict) -> None:
     header = ["row", "batch", "lr", "warmup it", "iterations", "final mmAP (mean ± sd)",
-              "per seed", "diverged", "overrides"]  # fmt: skip
+              "per seed", "diverged", "noise scale, epoch 1 → last", "overrides"]  # fmt: skip
     table = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
     table += [f"| {' | '.join(line)} |" for line in summarize(rows, results)]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
