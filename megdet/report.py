@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,18 @@ def per_epoch(records: list[dict], key: str) -> dict[int, float]:
     return {epoch: sum(values) / len(values) for epoch, values in sorted(sums.items())}
 
 
+def ratio_spread(records: list[dict], sampler: str) -> dict[int, float]:
+    """Per epoch, the standard deviation over the logged iterations of one global batch's
+    positive/negative ratio: how imbalanced a single batch can be (MegDet's point about small
+    batches), which the epoch's mean does not show. Epochs with one logged iteration: none."""
+    ratios: dict[int, list[float]] = {}
+    for record in records:
+        if record.get(f"{sampler}_neg"):
+            epoch = max(1, math.ceil(record["epoch"] - 1e-9))
+            ratios.setdefault(epoch, []).append(record[f"{sampler}_pos"] / record[f"{sampler}_neg"])
+    return {e: statistics.stdev(values) for e, values in ratios.items() if len(values) > 1}
+
+
 def sampling_ratios(records: list[dict]) -> dict[str, dict[int, float]]:
     """Positives over negatives per epoch, for the RPN and the RoI heads (Table 1)."""
     ratios = {}
@@ -94,18 +107,22 @@ def table1(runs: list[RunLog], epochs: list[int] | None = None) -> str:
         for sampler in SAMPLERS:
             pos = per_epoch(run.train, f"{sampler}_pos")
             neg = per_epoch(run.train, f"{sampler}_neg")
+            spread = ratio_spread(run.train, sampler)
             cells = []
             for e in chosen or [None] * len(columns):
                 if e in ratios[sampler]:
                     batch = run.global_batch or 1
-                    cell = f"{ratios[sampler][e]:.3f} ({pos[e] * batch:.0f}, {neg[e] * batch:.0f})"
+                    sd = f" ± {spread[e]:.3f}" if e in spread else ""
+                    counts = f"({pos[e] * batch:.0f}, {neg[e] * batch:.0f})"
+                    cell = f"{ratios[sampler][e]:.3f}{sd} {counts}"
                     cells.append(cell if epochs else f"epoch {e}: {cell}")
                 else:
                     cells.append("-")
             lines.append(f"| {run.name} | {run.global_batch} | {sampler} | {' | '.join(cells)} |")
     note = (
         "\npos/neg: sampled positives over negatives, mean over the logged iterations of the "
-        "epoch; in brackets the counts per global batch (per image x global batch).\n"
+        "epoch, ± its standard deviation from one logged global batch to the next; in brackets "
+        "the counts per global batch (per image x global batch).\n"
     )
     return "\n".join(lines) + "\n" + note
 

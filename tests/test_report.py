@@ -6,7 +6,14 @@ import pytest
 from PIL import Image
 
 from megdet.errors import MegdetError
-from megdet.report import per_epoch, read_run, sampling_ratios, table1, write_report
+from megdet.report import (
+    per_epoch,
+    ratio_spread,
+    read_run,
+    sampling_ratios,
+    table1,
+    write_report,
+)
 
 
 def _fake_run(path, global_batch, iters_per_epoch=4, epochs=3, pos=2.0):
@@ -41,7 +48,19 @@ def test_table1_rows_per_run_and_sampler(tmp_path):
     rows = [line for line in table.splitlines() if line.startswith("| b")]
     assert len(rows) == 4  # 2 runs x (rpn, roi)
     # epoch 1: 2 positives and 8 negatives per image -> 0.25; per batch of 64: 128 and 512
-    assert "| b64 (batch 64) | 64 | rpn | 0.250 (128, 512) | 0.500 (256, 512) |" in rows
+    assert (
+        "| b64 (batch 64) | 64 | rpn | 0.250 ± 0.000 (128, 512) | 0.500 ± 0.000 (256, 512) |"
+        in rows
+    )
+
+
+def test_ratio_spread_is_the_standard_deviation_over_an_epochs_batches():
+    records = [
+        {"epoch": 0.5, "roi_pos": 1.0, "roi_neg": 4.0},
+        {"epoch": 1.0, "roi_pos": 3.0, "roi_neg": 4.0},
+        {"epoch": 2.0, "roi_pos": 1.0, "roi_neg": 4.0},  # one batch: no spread
+    ]
+    assert ratio_spread(records, "roi") == {1: pytest.approx(0.5**0.5 * 0.5)}
 
 
 def test_table1_takes_each_runs_own_first_middle_and_last_epoch(tmp_path):
@@ -52,8 +71,8 @@ def test_table1_takes_each_runs_own_first_middle_and_last_epoch(tmp_path):
     rows = [line for line in table1(runs).splitlines() if line.startswith("| ")][1:]
     assert "| first epoch: pos/neg (pos, neg per batch) | middle" in table1(runs)
     short, long = rows[1], rows[3]
-    assert "epoch 1: 0.250 (32, 128) | epoch 2: 0.375 (48, 128) | epoch 2: 0.375" in short
-    assert "epoch 1: 0.250 (128, 512) | epoch 3: 0.500 (256, 512) | epoch 5: 0.750" in long
+    assert "epoch 1: 0.250 ± 0.000 (32, 128) | epoch 2: 0.375 ± 0.000 (48, 128) | epoch 2" in short
+    assert "epoch 1: 0.250 ± 0.000 (128, 512) | epoch 3: 0.500 ± 0.000 (256, 512) | epoch 5" in long
 
 
 def test_write_report_makes_readable_pngs_and_the_table(tmp_path):
