@@ -371,7 +371,7 @@ def _cmd_eval(args) -> int:
         out = args.out
     else:
         raise MegdetError("eval: give --run RUN_DIR, or --config NAME --weights FILE")
-    if out and (problem := folder_problem(out)):  # RUN/eval
+    if out and not args.out and (problem := folder_problem(out)):  # RUN/eval
         raise MegdetError(problem)
     ctx = dist.init_distributed()
     try:
