@@ -73,9 +73,14 @@ def run(row: Row, seed: int, runs: Path, common: list[str], config: str = "defau
         raise SystemExit(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     result["mmAP_per_epoch"] = [round(100 * r["eval"]["mmAP"], 2) for r in records if "eval" in r]
-    noise = per_epoch([r for r in records if "eval" not in r], "gns")  # issue 15
-    if noise:
-        result["gns_per_epoch"] = [round(value, 1) for value in noise.values()]
+    # Issue 15: the noise scale per epoch as the ratio of the epoch's mean variance and mean
+    # squared gradient (a ratio of means: single estimates of |G|^2 are noisy, even negative).
+    training = [r for r in records if "eval" not in r]
+    variance, signal = per_epoch(training, "grad_var"), per_epoch(training, "grad_sq")
+    if variance:
+        result["gns_per_epoch"] = [
+            round(variance[e] / signal[e], 1) if signal.get(e, 0) > 0 else None for e in variance
+        ]
     plan = json.loads((out / "plan.json").read_text())
     result["plan"] = {k: plan[k] for k in ("global_batch", "lr", "warmup_iters", "max_iter")}
     if not diverged:
@@ -106,13 +111,17 @@ def summarize(rows: list[Row], results: dict[str, list[dict]]) -> list[list[str]
         else:
             mean = f"{finals[0]:.2f}" if finals else "—"
         noise = [r["gns_per_epoch"] for r in done if r.get("gns_per_epoch")]
-        noise_cell = " / ".join(f"{n[0]:.0f} → {n[-1]:.0f}" for n in noise) or "—"
+        noise_cell = " / ".join(f"{_number(n[0])} → {_number(n[-1])}" for n in noise) or "—"
         lines.append([
             row.name, str(plan["global_batch"]), f"{plan['lr']:.3g}", str(plan["warmup_iters"]),
             str(plan["max_iter"]), mean, " / ".join(f"{f:.2f}" for f in finals) or "—",
             "; ".join(diverged) or "none", noise_cell, " ".join(row.overrides) or "(preset)",
         ])  # fmt: skip
     return lines
+
+
+def _number(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0f}"
 
 
 def write_table(path: Path, title: str, notes: str, rows: list[Row], results: dict) -> None:
