@@ -111,7 +111,7 @@ def summarize(rows: list[Row], results: dict[str, list[dict]]) -> list[list[str]
         else:
             mean = f"{finals[0]:.2f}" if finals else "—"
         noise = [r["gns_per_epoch"] for r in done if r.get("gns_per_epoch")]
-        noise_cell = " / ".join(f"{_number(n[0])} → {_number(n[-1])}" for n in noise) or "—"
+        noise_cell = " / ".join(" ".join(map(_number, n)) for n in noise) or "—"
         lines.append([
             row.name, str(plan["global_batch"]), f"{plan['lr']:.3g}", str(plan["warmup_iters"]),
             str(plan["max_iter"]), mean, " / ".join(f"{f:.2f}" for f in finals) or "—",
@@ -121,12 +121,13 @@ def summarize(rows: list[Row], results: dict[str, list[dict]]) -> list[list[str]
 
 
 def _number(value: float | None) -> str:
+    """A noise scale, or "—" where the epoch's squared gradient came out <= 0 (noise only)."""
     return "—" if value is None else f"{value:.0f}"
 
 
 def write_table(path: Path, title: str, notes: str, rows: list[Row], results: dict) -> None:
     header = ["row", "batch", "lr", "warmup it", "iterations", "final mmAP (mean ± sd)",
-              "per seed", "diverged", "noise scale, epoch 1 → last", "overrides"]  # fmt: skip
+              "per seed", "diverged", "noise scale per epoch", "overrides"]  # fmt: skip
     table = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
     table += [f"| {' | '.join(line)} |" for line in summarize(rows, results)]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
