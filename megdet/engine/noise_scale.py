@@ -44,37 +44,43 @@ class NoiseScale:
         if world_size < 2:
             raise ValueError("the noise scale needs gradients of two batch sizes: 2+ processes")
         self.names = [*groups, OTHER]
-        self._index = {id(p): i for i, params in enumerate(groups.values()) for p in params}
+        self._group = {id(p): i for i, params in enumerate(groups.values()) for p in params}
         self.small, self.big = per_process, per_process * world_size
         self.beta = beta
         self.steps = 0
         size = len(self.names) + 1  # the groups, then all parameters
         self.grad_sq = torch.zeros(size, dtype=torch.float64)
         self.grad_var = torch.zeros(size, dtype=torch.float64)
-        self._local: torch.Tensor | None = None  # this step's, summed over the buckets
+        # This step's local squared norm of each parameter's gradient: one slot per parameter,
+        # so the sums do not depend on how DDP buckets them (it rebuilds its buckets after the
+        # first step, and a resumed run's first step would round differently).
+        self._local: dict[int, torch.Tensor] = {}
         self._pending: tuple | None = None  # the last step's all-reduce and squared norms
+        self._membership: torch.Tensor | None = None  # group x parameter indicator
 
     def attach(self, ddp: nn.parallel.DistributedDataParallel) -> None:
         ddp.register_comm_hook(state=None, hook=self._hook)
 
     def _hook(self, state, bucket):
-        """Add this bucket's local squared norms per group, then DDP's own all-reduce."""
-        if self._local is None:
-            self._local = torch.zeros(
-                len(self.names), dtype=torch.float64, device=bucket.buffer().device
-            )
-        self._local += self._squared_norms(bucket.parameters(), bucket.gradients())
+        """Note this bucket's local squared norms, then DDP's own all-reduce."""
+        squares = torch.stack(torch._foreach_norm(bucket.gradients())).double() ** 2
+        for param, square in zip(bucket.parameters(), squares.unbind(), strict=True):
+            self._local[id(param)] = square
         return default_hooks.allreduce_hook(None, bucket)  # the default group, as DDP's
 
-    def _squared_norms(self, params, grads) -> torch.Tensor:
-        """Squared norm of the gradients of each group (foreach kernels: a few launches)."""
-        by_group: dict[int, list[torch.Tensor]] = {}
-        for param, grad in zip(params, grads, strict=True):
-            by_group.setdefault(self._index.get(id(param), len(self.names) - 1), []).append(grad)
-        norms = torch.zeros(len(self.names), dtype=torch.float64, device=grads[0].device)
-        for group, tensors in by_group.items():
-            norms[group] = torch.nn.utils.get_total_norm(tensors).double() ** 2
-        return norms
+    def _per_group(self, squared: dict[int, torch.Tensor], params) -> torch.Tensor:
+        """Sum per group, in the model's parameter order (a fixed order: bitwise repeatable),
+        as one product with a parameter-to-group indicator matrix."""
+        if not squared:
+            return torch.zeros(len(self.names), dtype=torch.float64)
+        zero = torch.zeros((), dtype=torch.float64, device=next(iter(squared.values())).device)
+        values = torch.stack([squared.get(id(p), zero) for p in params])
+        if self._membership is None or self._membership.shape[1] != len(params):
+            membership = torch.zeros(len(self.names), len(params), dtype=torch.float64)
+            for column, param in enumerate(params):
+                membership[self._group.get(id(param), len(self.names) - 1), column] = 1.0
+            self._membership = membership
+        return (self._membership.to(values.device) @ values).cpu()
 
     def measure(self, model: nn.Module, loss_scale: float = 1.0) -> None:
         """After backward, on every process: this step's squared norms, local ones averaged
@@ -83,13 +89,17 @@ class NoiseScale:
         fp16 loss scale of the backward, which the gradients the hook saw still carried (the
         model's are unscaled by now)."""
         self._finish()
-        params = [p for p in model.parameters() if p.grad is not None]
-        if not params or self._local is None:
-            local = torch.zeros(len(self.names), dtype=torch.float64)
-            big = torch.zeros(len(self.names), dtype=torch.float64)
-        else:
-            local, big = self._local, self._squared_norms(params, [p.grad for p in params])
-        self._local = None
+        params = list(model.parameters())
+        with_grad = [p for p in params if p.grad is not None]
+        big = {}
+        if with_grad:
+            squares = torch.stack(torch._foreach_norm([p.grad for p in with_grad])).double() ** 2
+            big = dict(zip(map(id, with_grad), squares.unbind(), strict=True))
+        local = self._per_group(self._local, params)
+        big = self._per_group(big, params)
+        self._local = {}
+        device = with_grad[0].grad.device if with_grad else torch.device("cpu")
+        local = local.to(device)
         work = dist.all_reduce_sum_async(local)
         self._pending = (work, local, big, loss_scale)
 
@@ -100,8 +110,8 @@ class NoiseScale:
         self._pending = None
         if work is not None:
             work.wait()
-        small = local / dist.get_world_size()
-        small = torch.cat([small, small.sum().view(1)]).cpu() / loss_scale**2
+        small = local.cpu() / dist.get_world_size()
+        small = torch.cat([small, small.sum().view(1)]) / loss_scale**2
         big = torch.cat([big, big.sum().view(1)]).cpu()
         b, B = self.small, self.big
         grad_sq = (B * big - b * small) / (B - b)

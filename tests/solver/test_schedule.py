@@ -8,7 +8,9 @@ from megdet.solver import build_optimizer, lr_at
 
 
 def _plan(overrides, world=1, images=1000):
-    return make_plan(load_config("coco_r50_fpn", overrides), world, images)
+    """The COCO preset with its warmup in iterations (500, Detectron's), not its epochs."""
+    cfg = load_config("coco_r50_fpn", ["solver.warmup_epochs=null", *overrides])
+    return make_plan(cfg, world, images)
 
 
 def test_linear_scaling_and_epochs_to_iterations():
