@@ -31,6 +31,7 @@ WARMUPS = ("linear", "constant", "none")
 EVAL_BACKENDS = ("faster", "pycocotools")
 DTYPES = ("float32", "float64")
 AMPS = ("none", "bf16", "fp16")
+MODULE_LRS = ("none", "agvm")
 
 
 @dataclass
@@ -121,6 +122,15 @@ class TrainConfig:
 
 
 @dataclass
+class AgvmConfig:
+    """AGVM's per-module learning rates (solver.module_lr: agvm); defaults: its paper's."""
+
+    interval: int = 10  # iterations between measurements (one extra collective each)
+    momentum: float = 0.97  # EMA of the multipliers, per measurement
+    start_epochs: float | None = None  # first epoch that measures; null: when warmup ends
+
+
+@dataclass
 class SolverConfig:
     base_lr: float = 0.02  # learning rate at base_batch images (linear scaling rule)
     base_batch: int = 16
@@ -142,6 +152,10 @@ class SolverConfig:
     # Scale the gradients down to this global L2 norm when larger (detectron2's
     # CLIP_GRADIENTS "norm", mmdetection's grad_clip); null: never.
     clip_grad_norm: float | None = None
+    # none: one lr for the whole model; agvm: each module group (backbone, FPN, RPN, box
+    # head) scaled by how its two half-batch gradients agree, against the backbone's (AGVM).
+    module_lr: str = "none"
+    agvm: AgvmConfig = field(default_factory=AgvmConfig)
 
 
 @dataclass
@@ -214,6 +228,7 @@ def validate(cfg: Config) -> None:
         "eval.backend": (cfg.eval.backend, EVAL_BACKENDS),
         "train.dtype": (cfg.train.dtype, DTYPES),
         "train.amp": (cfg.train.amp, AMPS),
+        "solver.module_lr": (cfg.solver.module_lr, MODULE_LRS),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -273,6 +288,13 @@ def validate(cfg: Config) -> None:
         )
     if cfg.model.anchor_sizes is not None and len(cfg.model.anchor_sizes) != 5:
         raise ConfigError("model.anchor_sizes: needs 5 sizes, one per FPN level P2..P6")
+    agvm = cfg.solver.agvm
+    if agvm.interval < 1:
+        raise ConfigError(f"solver.agvm.interval: must be >= 1, got {agvm.interval}")
+    if not 0 <= agvm.momentum < 1:
+        raise ConfigError(f"solver.agvm.momentum: must be in [0, 1), got {agvm.momentum}")
+    if agvm.start_epochs is not None and agvm.start_epochs < 0:
+        raise ConfigError(f"solver.agvm.start_epochs: must be >= 0, got {agvm.start_epochs}")
     if cfg.solver.policy == "step" and cfg.train.epochs is None:
         raise ConfigError("train.epochs: required with solver.policy=step")
 

@@ -84,6 +84,9 @@ class Plan:
     # Measured memory per process (megdet plan --memory, or images_per_device: auto).
     memory: dict | None = None
     precision_note: str | None = None  # train.amp where it may be slower than float32
+    # solver.module_lr agvm: the first iteration that measures (null: agvm off).
+    agvm_start: int | None = None
+    agvm_interval: int | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -108,6 +111,12 @@ class Plan:
             f"{self.lr:g}; {self.warmup} warmup from {self.warmup_start_lr:g} over "
             f"{self.warmup_iters} iterations; {self.iters_per_epoch} iterations/epoch x "
             f"{self.epochs:g} epochs = {length}; decay {steps}{bn}"
+            + (
+                f"; AGVM module lr from iteration {self.agvm_start}, measured every "
+                f"{self.agvm_interval}"
+                if self.agvm_start is not None
+                else ""
+            )
             + (f"\n{self.memory['summary']}" if self.memory else "")
             + (f"\n{self.precision_note}" if self.precision_note else "")
         )
@@ -167,6 +176,16 @@ def make_plan(
         warmup_iters = round(solver.warmup_epochs * iters_per_epoch)
     if solver.warmup == "none":
         warmup_iters = 0
+    agvm_start = None
+    if solver.module_lr == "agvm":
+        if world_size < 2 or world_size % 2:
+            raise ConfigError(
+                f"solver.module_lr: agvm compares the gradients of two halves of the "
+                f"processes; run an even number of them (--nproc), not {world_size}"
+            )
+        agvm_start = warmup_iters
+        if solver.agvm.start_epochs is not None:
+            agvm_start = round(solver.agvm.start_epochs * iters_per_epoch)
     if solver.warmup_factor is None:
         start = min(solver.base_lr, lr)  # MegDet: start at the small-batch rate
     else:
@@ -189,6 +208,8 @@ def make_plan(
         bn_groups=bn_groups(cfg, world_size, batch),
         memory=memory_report,
         precision_note=precision_note(cfg.train.amp),
+        agvm_start=agvm_start,
+        agvm_interval=solver.agvm.interval if agvm_start is not None else None,
     )
 
 

@@ -15,11 +15,19 @@ about this noise; a batch far above B_simple buys few extra steps' worth of prog
 The local squared norms are read bucket by bucket in a DDP communication hook, just before the
 bucket's own all-reduce (DDP's default, unchanged), so no gradient is communicated twice; per
 module group (backbone, FPN, RPN, box head, as AGVM separates them) because they differ.
+
+On the iterations that AGVM measures (``split_next``), the hook first sums each bucket within
+each half of the processes, notes the squared norm of the half's mean gradient g_A or g_B, and
+only then all-reduces over all processes (scaled so that the result is DDP's mean): one extra
+collective on those iterations, no gradient sent twice otherwise. With the squared norm of the
+mean g = (g_A + g_B) / 2, each group's g_A . g_B = (4|g|^2 - |g_A|^2 - |g_B|^2) / 2, so
+the halves' cosine needs a few numbers per group, never the gradients themselves.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -28,6 +36,26 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from megdet import dist
 
 OTHER = "other"  # parameters in no named group
+
+
+@dataclass(frozen=True)
+class Halves:
+    """This process's half of the processes (ranks ``[0, W/2)`` or ``[W/2, W)``): the first
+    and second halves of every global batch, whatever the number of processes."""
+
+    group: object  # the half's process group
+    index: int  # 0: the first half, 1: the second
+    size: int  # processes per half
+    leader: bool  # the half's first rank, which alone reports the half's numbers
+
+
+def split_in_halves(world_size: int, rank: int) -> Halves:
+    """Create both halves' process groups (every rank, the same order)."""
+    if world_size < 2 or world_size % 2:
+        raise ValueError(f"two halves of {world_size} processes: needs an even number")
+    size = world_size // 2
+    group = dist.own_group([list(range(size)), list(range(size, world_size))])
+    return Halves(group, rank // size, size, rank % size == 0)
 
 
 class NoiseScale:
@@ -40,6 +68,7 @@ class NoiseScale:
         per_process: int,
         world_size: int,
         beta: float = 0.95,
+        halves: Halves | None = None,
     ) -> None:
         if world_size < 2:
             raise ValueError("the noise scale needs gradients of two batch sizes: 2+ processes")
@@ -56,17 +85,40 @@ class NoiseScale:
         # first step, and a resumed run's first step would round differently).
         self._local: dict[int, torch.Tensor] = {}
         self._pending: tuple | None = None  # the last step's all-reduce and squared norms
+        self.halves = halves
+        self._split = False  # the coming backward reduces within halves first (split_next)
+        self._half: dict[int, torch.Tensor] = {}  # |g_A|^2 or |g_B|^2 per parameter
+        # The last split step's squared norms per group (and all): the halves', the mean's.
+        self._half_norms: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._membership: torch.Tensor | None = None  # group x parameter indicator
 
     def attach(self, ddp: nn.parallel.DistributedDataParallel) -> None:
         ddp.register_comm_hook(state=None, hook=self._hook)
 
+    def split_next(self) -> None:
+        """Let the next backward measure the two halves' gradients (see the module's doc)."""
+        if self.halves is None:
+            raise ValueError("split_next needs the halves given to NoiseScale")
+        self._split = True
+
     def _hook(self, state, bucket):
-        """Note this bucket's local squared norms, then DDP's own all-reduce."""
+        """Note this bucket's local squared norms, then DDP's own all-reduce (on a split
+        step, within the half first)."""
+        self._note(self._local, bucket)
+        if self._split:
+            halves, world = self.halves, 2 * self.halves.size
+            if halves.size > 1:  # one process per half: its gradient is the half's already
+                torch.distributed.all_reduce(bucket.buffer(), group=halves.group)
+                bucket.buffer().mul_(2 / world)  # the half's mean (in DDP's units)
+            self._note(self._half, bucket)
+            # allreduce_hook divides by W and sums: (W/2) (g_A + g_B) / W = the mean.
+        return default_hooks.allreduce_hook(None, bucket)  # the default group, as DDP's
+
+    @staticmethod
+    def _note(into: dict[int, torch.Tensor], bucket) -> None:
         squares = torch.stack(torch._foreach_norm(bucket.gradients())).double() ** 2
         for param, square in zip(bucket.parameters(), squares.unbind(), strict=True):
-            self._local[id(param)] = square
-        return default_hooks.allreduce_hook(None, bucket)  # the default group, as DDP's
+            into[id(param)] = square
 
     def _per_group(self, squared: dict[int, torch.Tensor], params) -> torch.Tensor:
         """Sum per group, in the model's parameter order (a fixed order: bitwise repeatable),
@@ -97,7 +149,12 @@ class NoiseScale:
             big = dict(zip(map(id, with_grad), squares.unbind(), strict=True))
         local = self._per_group(self._local, params)
         big = self._per_group(big, params)
-        self._local = {}
+        if self._split:  # [local | half A | half B]; each half's leader reports it
+            half = self._per_group(self._half, params) * self.halves.leader
+            slots = [torch.zeros_like(half), torch.zeros_like(half)]
+            slots[self.halves.index] = half
+            local = torch.cat([local, *slots])
+        self._local, self._half, self._split = {}, {}, False
         device = with_grad[0].grad.device if with_grad else torch.device("cpu")
         local = local.to(device)
         work = dist.all_reduce_sum_async(local)
@@ -110,9 +167,13 @@ class NoiseScale:
         self._pending = None
         if work is not None:
             work.wait()
-        small = local.cpu() / dist.get_world_size()
-        small = torch.cat([small, small.sum().view(1)]) / loss_scale**2
-        big = torch.cat([big, big.sum().view(1)]).cpu()
+        local = local.cpu().view(-1, len(self.names)) / loss_scale**2
+        small = _with_total(local[0] / dist.get_world_size())
+        big = _with_total(big).cpu()
+        if len(local) == 3:
+            halves = (_with_total(local[1]), _with_total(local[2]), big)
+            finite = all(torch.isfinite(x).all() for x in halves)
+            self._half_norms = halves if finite else None
         b, B = self.small, self.big
         grad_sq = (B * big - b * small) / (B - b)
         grad_var = (small - big) / (1 / b - 1 / B)
@@ -120,6 +181,17 @@ class NoiseScale:
             self.steps += 1
             self.grad_sq.mul_(self.beta).add_(grad_sq, alpha=1 - self.beta)
             self.grad_var.mul_(self.beta).add_(grad_var, alpha=1 - self.beta)
+
+    def half_norms(self) -> dict[str, tuple[float, float, float]]:
+        """After a split step's ``measure``: per group (and ``""`` for all parameters) the
+        squared norms |g_A|^2, |g_B|^2 of the halves' mean gradients and |g|^2 of their mean;
+        empty if the step overflowed (fp16). Consumed: a second call returns nothing."""
+        self._finish()
+        found, self._half_norms = self._half_norms, None
+        if found is None:
+            return {}
+        rows = torch.stack(found, dim=1).tolist()
+        return {name: tuple(row) for name, row in zip([*self.names, ""], rows, strict=True)}
 
     def statistics(self) -> dict[str, float]:
         """``gns``, ``grad_sq``, ``grad_var`` of all parameters and ``*_<group>`` of each
@@ -149,3 +221,8 @@ class NoiseScale:
             self.steps = int(state["steps"])
             self.grad_sq = state["grad_sq"].to(torch.float64).clone()
             self.grad_var = state["grad_var"].to(torch.float64).clone()
+
+
+def _with_total(per_group: torch.Tensor) -> torch.Tensor:
+    """The groups' values, then their sum (all parameters)."""
+    return torch.cat([per_group, per_group.sum().view(1)])

@@ -23,13 +23,14 @@ from megdet.data.sampler import GlobalShuffleSampler
 from megdet.engine.amp import MixedPrecision
 from megdet.engine.checkpoint import LAST, load_model_state, newest_checkpoint, save_checkpoint
 from megdet.engine.events import EventWriter
-from megdet.engine.noise_scale import NoiseScale
+from megdet.engine.noise_scale import NoiseScale, split_in_halves
 from megdet.engine.run_dir import start_run_dir
 from megdet.engine.stop import StopRequested, StopSignals
 from megdet.errors import MegdetError
 from megdet.nn import norm_layer
 from megdet.plan import Plan, make_plan
 from megdet.solver import build_optimizer, lr_at, set_lr
+from megdet.solver.module_lr import AGVM
 from megdet.tasks.detection.task import DetectionTask
 
 log = logging.getLogger(__name__)
@@ -88,17 +89,23 @@ def train(
     dtype = getattr(torch, cfg.train.dtype)  # float32, or float64 for numerical references
     model = model.to(ctx.device, dtype)
     dist.broadcast_module_state(model)
-    optimizer = build_optimizer(model, cfg.solver, plan.lr)
+    modules = task.parameter_groups(model)
+    optimizer = build_optimizer(model, cfg.solver, plan.lr, modules)
     amp = MixedPrecision(cfg.train.amp, ctx.device)
     start_iter = _restore(found, model, optimizer, amp, plan) if found else 0
     ddp = _data_parallel(model) if ctx.world_size > 1 else model
-    noise = None
-    if cfg.train.gns and ctx.world_size > 1:
-        groups = task.parameter_groups(model)
-        noise = NoiseScale(groups, plan.images_per_device, ctx.world_size)
+    noise = module_lr = None
+    if plan.agvm_start is not None:  # the plan refused it unless the processes are even
+        agvm = cfg.solver.agvm
+        module_lr = AGVM([*modules, "other"], plan.agvm_start, agvm.interval, agvm.momentum)
+        module_lr.load_state_dict(found[0].get("module_lr", {}) if found else {})
+    if (cfg.train.gns or module_lr) and ctx.world_size > 1:
+        halves = split_in_halves(ctx.world_size, ctx.rank) if module_lr else None
+        noise = NoiseScale(modules, plan.images_per_device, ctx.world_size, halves=halves)
         noise.attach(ddp)
         if found:
             noise.load_state_dict(found[0].get("noise_scale", {}))
+    stats = (noise, module_lr)
 
     sampler = GlobalShuffleSampler(
         task.num_train_images,
@@ -132,7 +139,9 @@ def train(
     with StopSignals() as stop:
         for iteration, batch in enumerate(loader, start=start_iter):
             lr = lr_at(plan, iteration)
-            set_lr(optimizer, lr)
+            measuring = module_lr is not None and module_lr.measures(iteration)
+            if measuring:
+                noise.split_next()
             images, targets = task.to_device(batch, ctx.device, dtype)
             task.begin_step(model, targets)
             with amp.autocast():
@@ -151,6 +160,9 @@ def train(
             )
             if noise:
                 noise.measure(model, amp.loss_scale())
+            if measuring:  # this step's multipliers, used by this step (as AGVM does)
+                module_lr.update(noise.half_norms())
+            set_lr(optimizer, lr, module_lr.factors(iteration) if module_lr else None)
             _clip_gradients(model, grad_norm, cfg.solver.clip_grad_norm)
             amp.step(optimizer, grad_norm)
             events.step()
@@ -164,26 +176,27 @@ def train(
                 if math.isfinite(grad_norm):  # before clipping; the same on every rank
                     values["grad_norm"] = grad_norm
                 values.update(amp.statistics())
-                values.update(noise.statistics() if noise else {})
+                values.update(noise.statistics() if noise and cfg.train.gns else {})
+                values.update(module_lr.statistics() if module_lr else {})
                 values.update(task.batch_statistics(values, plan.global_batch))
                 events.training(iteration, done / plan.iters_per_epoch, lr, values)
             if done == plan.max_iter:
                 break
             if health[2].item() > 0:  # the all-reduce finished in _stop_if_diverged
                 dist.average_buffers(model)
-                _save(run_dir, model, optimizer, amp, noise, done, cfg, plan, ctx)
+                _save(run_dir, model, optimizer, amp, stats, done, cfg, plan, ctx)
                 events.close()
                 name = stop.signal_name or "a stop signal to another process"
                 raise StopRequested(done, plan.max_iter, name, run_dir / "checkpoints" / LAST)
             if cfg.train.checkpoint_period and done % cfg.train.checkpoint_period == 0:
                 dist.average_buffers(model)
-                _save(run_dir, model, optimizer, amp, noise, done, cfg, plan, ctx)
+                _save(run_dir, model, optimizer, amp, stats, done, cfg, plan, ctx)
             if eval_every and done % eval_every == 0:
                 dist.average_buffers(model)
                 _evaluate(task, model, ctx, run_dir, done, plan, events, announce=True)
 
     dist.average_buffers(model)
-    _save(run_dir, model, optimizer, amp, noise, plan.max_iter, cfg, plan, ctx)
+    _save(run_dir, model, optimizer, amp, stats, plan.max_iter, cfg, plan, ctx)
     metrics = _evaluate(task, model, ctx, run_dir, plan.max_iter, plan, events, announce=False)
     events.close()
     return TrainResult(model, plan, metrics)
@@ -272,7 +285,13 @@ def _restore(found, model, optimizer, amp, plan: Plan) -> int:
                 f"{getattr(plan, key)}; resume with the same config, or start a new --out"
             )
     load_model_state(model, state["model"], path)
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as exc:  # e.g. a checkpoint from before per-module parameter groups
+        raise MegdetError(
+            f"{path}: its optimizer state does not fit this model's parameter groups ({exc}); "
+            "start a new --out"
+        ) from None
     amp.load_state_dict(state.get("amp", {}))
     torch.set_rng_state(state["rng"]["torch"])
     start_iter = int(state["iteration"])
@@ -291,14 +310,17 @@ def _evaluate(task, model, ctx, run_dir, iteration, plan: Plan, events, announce
     return metrics
 
 
-def _save(run_dir, model, optimizer, amp, noise, iteration, cfg, plan: Plan, ctx) -> None:
+def _save(run_dir, model, optimizer, amp, statistics, iteration, cfg, plan: Plan, ctx) -> None:
+    noise, module_lr = statistics
+    noise_state = noise.state_dict() if noise else {}  # on every rank: its all-reduce
     if not ctx.is_main:
         return
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "amp": amp.state_dict(),
-        "noise_scale": noise.state_dict() if noise else {},
+        "noise_scale": noise_state,
+        "module_lr": module_lr.state_dict() if module_lr else {},
         "iteration": iteration,  # the next iteration to run
         "epoch": iteration // plan.iters_per_epoch,
         "position_in_epoch": iteration % plan.iters_per_epoch,  # global batches done

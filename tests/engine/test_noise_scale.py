@@ -1,11 +1,13 @@
 """The gradient noise scale from a DDP communication hook equals McCandlish et al.'s estimators
-computed in float64 from per-sample gradients, per module group, over 2 and 4 processes."""
+computed in float64 from per-sample gradients, per module group, over 2 and 4 processes; so do
+the two halves' squared norms that AGVM's per-module learning rates are computed from."""
 
 import pytest
 import torch
 from torch import nn
 
-from megdet.engine.noise_scale import NoiseScale
+from megdet.engine.noise_scale import NoiseScale, split_in_halves
+from megdet.solver.module_lr import dissimilarity
 from tests.distributed import run_in_processes
 
 PER_PROCESS = 3
@@ -96,3 +98,76 @@ def test_hook_estimates_equal_the_float64_per_sample_computation(world_size):
 def test_one_process_is_refused():
     with pytest.raises(ValueError, match="2\\+ processes"):
         NoiseScale({}, 4, 1)
+
+
+def _measure_halves(rank, world_size):
+    """One split step (AGVM's measurement), then one plain step on the same batch."""
+    model = _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    halves = split_in_halves(world_size, rank)
+    noise = NoiseScale(_groups(model), PER_PROCESS, world_size, halves=halves)
+    noise.attach(ddp)
+    inputs, targets = _data(PER_PROCESS * world_size)
+    mine = slice(rank * PER_PROCESS, (rank + 1) * PER_PROCESS)
+    gradients, reported = [], []
+    for split in (True, False):
+        if split:
+            noise.split_next()
+        ddp.zero_grad()
+        _loss(ddp, inputs[mine], targets[mine]).backward()
+        noise.measure(model)
+        gradients.append([p.grad.clone() for p in model.parameters()])
+        reported.append(noise.half_norms())
+    assert reported[1] == {}  # a plain step reports no halves
+    return reported[0], gradients, noise.statistics()
+
+
+def _halves_reference(world_size):
+    """|g_A|^2, |g_B|^2 and |g|^2 per group from the two halves of the batch, and the
+    halves' 1 - cosine, in float64 with torch.cosine_similarity."""
+    model = _model()
+    inputs, targets = _data(PER_PROCESS * world_size)
+    half = PER_PROCESS * world_size // 2
+
+    def gradient(rows):
+        model.zero_grad()
+        _loss(model, inputs[rows], targets[rows]).backward()
+        return {n: torch.cat([p.grad.flatten() for p in ps]) for n, ps in _groups(model).items()}
+
+    first, second = gradient(slice(0, half)), gradient(slice(half, None))
+    both = gradient(slice(None))
+    norms, cosine_distance = {}, {}
+    for name in first:
+        a, b, g = first[name], second[name], both[name]
+        norms[name] = (a.square().sum().item(), b.square().sum().item(), g.square().sum().item())
+        cosine_distance[name] = 1 - torch.cosine_similarity(a, b, dim=0).item()
+    return norms, cosine_distance
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_split_step_measures_the_halves_and_keeps_ddps_mean(world_size):
+    results = run_in_processes(_measure_halves, world_size)
+    norms, cosine_distance = _halves_reference(world_size)
+    for half_norms, (split_grads, plain_grads), _ in results:
+        for name, expected in norms.items():
+            assert half_norms[name] == pytest.approx(expected, rel=1e-12), name
+            measured = dissimilarity(*half_norms[name])
+            assert measured == pytest.approx(cosine_distance[name], rel=1e-9, abs=1e-12)
+        # What the optimizer gets is DDP's mean either way (4 processes: summed in halves,
+        # then over all: float64 rounding apart).
+        for split, plain in zip(split_grads, plain_grads, strict=True):
+            torch.testing.assert_close(split, plain, rtol=1e-14, atol=1e-16)
+    # The noise scale of the split step is the plain steps' (the same batch twice).
+    statistics = results[0][2]
+    expected = _reference(world_size)
+    for key, value in expected.items():
+        assert statistics[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    assert all(r[0] == results[0][0] for r in results)  # every process: the same numbers
+
+
+def test_halves_need_an_even_number_of_processes():
+    with pytest.raises(ValueError, match="even"):
+        split_in_halves(3, 0)
+    with pytest.raises(ValueError, match="halves"):
+        NoiseScale({}, 4, 2).split_next()

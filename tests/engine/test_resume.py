@@ -16,46 +16,64 @@ from megdet.tasks.detection.task import DetectionTask
 from tests.conftest import instant_overrides
 from tests.distributed import run_in_processes
 
+VARIANTS = {
+    "float32": [],
+    # the loss scaler's scale and growth tracker are part of the exact state
+    "fp16": ["train.amp=fp16"],
+    # AGVM's multipliers too: measured every 3 iterations from iteration 2, so that the resumed
+    # run starts between two measurements
+    "agvm": ["solver.module_lr=agvm", "solver.agvm.start_epochs=1", "solver.agvm.interval=3",
+             "solver.agvm.momentum=0.5"],
+}  # fmt: skip
 
-def _train(rank, world_size, root, run_dir, max_iter, resume, amp="none"):
+
+def _train(rank, world_size, root, run_dir, max_iter, resume, variant="float32"):
     cfg = load_config(
         "instant_test",
         [*instant_overrides(root), f"train.max_iter={max_iter}", "train.checkpoint_period=4",
-         "log.period=1", "model.norm=cgbn", "data.hflip=true", f"train.amp={amp}"],
+         "log.period=1", "model.norm=cgbn", "data.hflip=true", *VARIANTS[variant]],
     )  # fmt: skip
     result = train(cfg, DetectionTask(cfg), run_dir, dist.init_distributed(), resume=resume)
     return result.model.state_dict()
 
 
 def _losses(run_dir):
-    """Loss and gradient noise scale per iteration (the noise scale's EMAs are resumed too)."""
+    """Loss, gradient noise scale and AGVM's backbone multiplier per iteration (the noise
+    scale's EMAs and the multipliers are resumed too)."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["iter"]: (r["loss"], r.get("gns")) for r in records if "loss" in r}
+    return {
+        r["iter"]: (r["loss"], r.get("gns"), r.get("lr_factor_box_head"))
+        for r in records
+        if "loss" in r
+    }
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("amp", ["none", "fp16"])
-def test_stop_and_resume_gives_the_weights_of_a_straight_run(tiny_shapes, tmp_path, amp):
-    """fp16: the loss scaler's scale and growth tracker are part of the exact state."""
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_stop_and_resume_gives_the_weights_of_a_straight_run(tiny_shapes, tmp_path, variant):
     straight, split = tmp_path / "straight", tmp_path / "split"
     straight.mkdir()
     split.mkdir()
-    expected = run_in_processes(_train, 2, tiny_shapes, straight, 8, False, amp)[0]
-    run_in_processes(_train, 2, tiny_shapes, split, 4, False, amp)
+    expected = run_in_processes(_train, 2, tiny_shapes, straight, 8, False, variant)[0]
+    run_in_processes(_train, 2, tiny_shapes, split, 4, False, variant)
     # What a crash after the checkpoint leaves behind: a line the resumed run will log again.
     with open(split / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"iter": 5, "loss": 123.0}) + "\n")
-    resumed = run_in_processes(_train, 2, tiny_shapes, split, 8, True, amp)[0]
+    resumed = run_in_processes(_train, 2, tiny_shapes, split, 8, True, variant)[0]
     for key, value in expected.items():
         assert torch.equal(resumed[key], value), key  # bitwise: same world size, same CPU
     assert _losses(split) == _losses(straight)
-    assert any(gns is not None for _, gns in _losses(straight).values())  # logged, compared
+    assert any(gns is not None for _, gns, _ in _losses(straight).values())  # logged, compared
     assert sorted(_losses(split)) == list(range(1, 9))
     state = torch.load(split / "checkpoints" / "last.pt", weights_only=True)
     assert (state["iteration"], state["epoch"], state["position_in_epoch"]) == (8, 4, 0)
-    if amp == "fp16":
+    if variant == "fp16":
         assert state["amp"]["scaler"]["scale"] > 0
+    if variant == "agvm":  # measured at iterations 2 (before the stop at 4) and 5 (after)
+        factors = [f for _, _, f in _losses(straight).values()]
+        assert factors[:2] == [None, None] and len(set(factors[2:])) == 2, factors
+        assert state["module_lr"]["multipliers"]["box_head"] != 1.0
 
 
 def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(tmp_path):

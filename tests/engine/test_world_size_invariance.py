@@ -37,7 +37,10 @@ NORMS = {
     # pairs of processes (4 x 2). Running statistics: the mean of every group's own.
     "cgbn4": ["model.norm=cgbn", "model.bn_size=4"],
     "bn": ["model.norm=bn"],
-}
+    # AGVM's per-module lr, measured and changed at every iteration from the first.
+    "agvm": ["model.norm=cgbn", "solver.module_lr=agvm", "solver.agvm.start_epochs=0",
+             "solver.agvm.interval=1", "solver.agvm.momentum=0.5"],
+}  # fmt: skip
 FLOAT64_REL = 1e-9  # float64 rounding (1e-16) amplified as float32's is (1e-7 -> 1e-4)
 FLOAT32_FACTOR = 10  # two float32 gradients apart vs one from the float64 truth: ~1-1.4
 
@@ -83,7 +86,14 @@ def _run(tmp_path, tiny_shapes, world, norm, dtype, iterations=5):
     # SGD's momentum buffers: after the first step, each parameter's gradient + weight decay.
     saved = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     momentum = {i: s["momentum_buffer"] for i, s in saved["optimizer"]["state"].items()}
-    return {"losses": losses, "weights": out[0]["weights"], "momentum": momentum, "ranks": out}
+    factors = [{k: v for k, v in r.items() if k.startswith("lr_factor")} for r in records]
+    return {
+        "losses": losses,
+        "weights": out[0]["weights"],
+        "momentum": momentum,
+        "ranks": out,
+        "lr_factors": [f for f in factors if f],
+    }
 
 
 def _distance(a: dict, b: dict) -> float:
@@ -145,3 +155,18 @@ def test_same_bn_size_same_training_for_chunks_processes_and_groups(tiny_shapes,
         _assert_float64_equal(
             _run(tmp_path, tiny_shapes, world, norm, "float64"), reference, f"{norm} x {world}"
         )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_agvm_same_training_for_2_and_4_processes(tiny_shapes, tmp_path):
+    """The halves are the first and second half of every global batch, whatever the number
+    of processes, so AGVM's multipliers (and with them the training) do not depend on it.
+    One process has no halves: refused by the plan (tests/solver/test_module_lr.py)."""
+    two, four = (_run(tmp_path, tiny_shapes, w, "agvm", "float64") for w in (2, 4))
+    _assert_float64_equal(four, two, "agvm, 4 processes")
+    assert len(two["lr_factors"]) == len(four["lr_factors"]) == 5
+    for a, b in zip(two["lr_factors"], four["lr_factors"], strict=True):
+        assert b == pytest.approx(a, rel=FLOAT64_REL)
+    assert all(a["lr_factor_backbone"] == 1.0 for a in two["lr_factors"])
+    assert any(abs(v - 1) > 1e-3 for a in two["lr_factors"] for v in a.values())  # it acted
