@@ -1,6 +1,7 @@
-"""What measuring the gradient noise scale costs (``train.gns``): training steps of the demo
-detector with CGBN under DDP, with and without ``NoiseScale``'s communication hook and its
-per-step measurement, same images.
+"""What measuring the gradient noise scale costs (``train.gns``), and AGVM's half-batch
+measurement at every step (``solver.module_lr=agvm`` with ``solver.agvm.interval=1``, its
+most expensive setting): training steps of the demo detector with CGBN under DDP, with and
+without ``NoiseScale``'s communication hook and its per-step measurement, same images.
 
     torchrun --standalone --nproc-per-node 2 bench/noise_scale_overhead.py --images 8 --steps 20
 
@@ -24,8 +25,10 @@ from megdet import dist
 from megdet.config import load_config
 from megdet.data.coco import CocoDetection, collate, read_coco
 from megdet.data.shapes import generate_shapes
-from megdet.engine.noise_scale import NoiseScale
+from megdet.engine.noise_scale import NoiseScale, split_in_halves
 from megdet.nn import norm_layer
+from megdet.solver import set_lr
+from megdet.solver.module_lr import AGVM
 from megdet.tasks.detection.model import build_detector
 from megdet.tasks.detection.task import DetectionTask
 
@@ -52,30 +55,40 @@ def main() -> None:
 
     group = dist.own_group([list(range(ctx.world_size))])
     runs = {}
-    for name in ("plain", "python_hook", "gns"):
+    even = ctx.world_size % 2 == 0
+    halves = split_in_halves(ctx.world_size, ctx.rank) if even else None
+    for name in ("plain", "python_hook", "gns", "agvm")[: 4 if even else 3]:
         torch.manual_seed(0)
         model = build_detector(cfg.model, num_classes=3, norm=norm_layer("cgbn", group))
         ddp = DistributedDataParallel(model.to(ctx.device))
-        noise = None
+        noise = agvm = None
         if name == "python_hook":  # DDP's all-reduce through a Python hook, nothing measured
             ddp.register_comm_hook(None, default_hooks.allreduce_hook)
-        if name == "gns":
-            groups = DetectionTask.parameter_groups(model)
-            noise = NoiseScale(groups, args.images, ctx.world_size)
+        groups = DetectionTask.parameter_groups(model)
+        if name in ("gns", "agvm"):
+            split = halves if name == "agvm" else None
+            noise = NoiseScale(groups, args.images, ctx.world_size, halves=split)
             noise.attach(ddp)
+        if name == "agvm":
+            agvm = AGVM(list(groups), start=0, interval=1, momentum=0.9)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        runs[name] = (ddp, model, noise, optimizer)
+        runs[name] = (ddp, model, noise, agvm, optimizer)
 
     times: dict[str, list[float]] = {name: [] for name in runs}
     for step in range(args.steps + 3):
-        for name, (ddp, model, noise, optimizer) in runs.items():
+        for name, (ddp, model, noise, agvm, optimizer) in runs.items():
             dist.barrier()
             begin = time.perf_counter()
+            if agvm is not None:
+                noise.split_next()
             loss = sum(ddp(images, targets).values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if noise is not None:
                 noise.measure(model)
+            if agvm is not None:  # the trainer's order: measure, update, set the lr, step
+                agvm.update(noise.half_norms())
+                set_lr(optimizer, 0.01, agvm.factors(step))
             optimizer.step()
             if step >= 3:  # warm-up steps are not timed
                 times[name].append(time.perf_counter() - begin)
@@ -101,13 +114,17 @@ def main() -> None:
                         "plain DDP",
                         "DDP, Python all-reduce hook",
                         "with train.gns",
-                    ],
+                        "AGVM, every step",
+                    ][: 1 + len(cells)],
                     [[f"{ctx.world_size} x {args.images} at {args.size} px", *cells]],
                 ),  # fmt: skip
                 f"Median step of the slower rank, {args.steps} steps per variant, taking turns; "
                 "demo detector, CGBN over all processes, DDP. The noise scale adds a squared "
                 "norm per group and bucket in the comm hook, one more over the gradients after "
-                "it, and an all-reduce of 5 numbers that overlaps the optimizer step.",
+                "it, and an all-reduce of 5 numbers that overlaps the optimizer step. AGVM "
+                "(every step; an odd number of processes has no halves): each bucket all-reduced "
+                "within its half first (not with one process per half, whose gradient is its "
+                "half's), squared norms of the halves, a wait for the 15 numbers, the lr update.",
             )
     dist.shutdown()
 

@@ -177,6 +177,8 @@ def write_report(
     written.append(_save(fig, out_dir / "pos_neg_ratio.png"))
 
     written.append(_plot_noise_scale(runs, out_dir / "noise_scale.png", plt, x))
+    if any(key.startswith(FACTOR) for run in runs for r in run.train for key in r):
+        written.append(_plot_module_lr(runs, out_dir / "module_lr.png", plt, x))
 
     table = out_dir / "table1.md"
     atomic_write_text(
@@ -205,6 +207,28 @@ def _plot_noise_scale(runs: list[RunLog], path: Path, plt, x: str) -> Path:
     else:
         ax.text(0.5, 0.5, "no noise scale logged (train.gns with 2+ processes)", ha="center",
                 transform=ax.transAxes)  # fmt: skip
+    return _save(fig, path)
+
+
+FACTOR = "lr_factor_"  # AGVM's multiplier of a module group's lr, logged per iteration
+
+
+def _plot_module_lr(runs: list[RunLog], path: Path, plt, x: str) -> Path:
+    """AGVM's lr multiplier of each module group: one color per group, one line style per
+    run (the backbone is the reference, at 1)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors, styles = {}, ["-", "--", ":", "-."]
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, run in enumerate(r for r in runs if any(FACTOR in k for t in r.train for k in t)):
+        groups = sorted({k[len(FACTOR) :] for t in run.train for k in t if k.startswith(FACTOR)})
+        for group in groups:
+            points = [(t["iter" if x == "iteration" else "epoch"], t[FACTOR + group])
+                      for t in run.train if FACTOR + group in t]  # fmt: skip
+            color = colors.setdefault(group, palette[len(colors) % len(palette)])
+            ax.plot(*zip(*points, strict=True), color=color, linestyle=styles[i % len(styles)],
+                    label=f"{run.name}: {group}")  # fmt: skip
+    ax.set(xlabel=x, ylabel="lr multiplier", title="AGVM: each module's lr / the scaled lr")
+    ax.legend(fontsize="small")
     return _save(fig, path)
 
 

@@ -16,7 +16,7 @@ from megdet.report import (
 )
 
 
-def _fake_run(path, global_batch, iters_per_epoch=4, epochs=3, pos=2.0):
+def _fake_run(path, global_batch, iters_per_epoch=4, epochs=3, pos=2.0, agvm=False):
     """Logged every iteration; positives per image grow by one each epoch, negatives stay 8."""
     path.mkdir()
     (path / "plan.json").write_text(json.dumps({"global_batch": global_batch}))
@@ -28,6 +28,7 @@ def _fake_run(path, global_batch, iters_per_epoch=4, epochs=3, pos=2.0):
             "iter": it, "epoch": epoch, "lr": 0.01 * it, "loss": 2.0 / it,
             "rpn_pos": pos + e - 1, "rpn_neg": 8.0, "roi_pos": pos + e - 1, "roi_neg": 8.0,
             "gns": 100.0 + it,
+            **({"lr_factor_backbone": 1.0, "lr_factor_rpn": 1 - 0.01 * it} if agvm else {}),
         }))  # fmt: skip
         if it % iters_per_epoch == 0:
             lines.append(json.dumps({"iter": it, "epoch": epoch, "eval": {"mmAP": 0.1 * e}}))
@@ -87,6 +88,10 @@ def test_write_report_makes_readable_pngs_and_the_table(tmp_path):
             with Image.open(path) as image:
                 assert image.width > 400 and image.height > 300
     assert not list((tmp_path / "out").glob("*.tmp*"))
+    # AGVM's multipliers, where a run logged them
+    runs.append(_fake_run(tmp_path / "b64-agvm", 64, agvm=True))
+    written = write_report(runs, tmp_path / "agvm")
+    assert "module_lr.png" in {p.name for p in written} and len(written) == 6
 
 
 def test_a_truncated_last_line_is_skipped_but_corruption_is_an_error(tmp_path):
