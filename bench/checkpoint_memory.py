@@ -39,7 +39,7 @@ def child(name: str, mode: str, steps: int) -> dict:
     import torch
 
     from megdet.config import load_config
-    from megdet.nn import norm_layer
+    from megdet.nn import training_norm
     from megdet.tasks.detection.backbone import apply_checkpointing
     from megdet.tasks.detection.memory import estimate_memory
     from megdet.tasks.detection.model import build_detector
@@ -47,7 +47,7 @@ def child(name: str, mode: str, steps: int) -> dict:
     preset, overrides, images, size = DETECTORS[name]
     cfg = load_config(preset, [*overrides, f"train.checkpointing={mode}"])
     torch.manual_seed(0)
-    model = build_detector(cfg.model, 80, norm_layer("cgbn")).train()
+    model = build_detector(cfg.model, 80, training_norm(cfg.model.norm)).train()
     apply_checkpointing(model.backbone, mode)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
     g = torch.Generator().manual_seed(0)

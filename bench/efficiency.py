@@ -32,7 +32,7 @@ def main() -> None:
     from megdet.data.coco import CocoDetection, collate, read_coco
     from megdet.data.sampler import GlobalShuffleSampler
     from megdet.data.shapes import generate_shapes
-    from megdet.nn import norm_layer
+    from megdet.nn import training_norm
     from megdet.tasks.detection.task import DetectionTask
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -55,7 +55,7 @@ def main() -> None:
 
         torch.manual_seed(0)
         task = DetectionTask(cfg)  # the model with the task's seeded samplers, as in training
-        model = task.build_model(norm=norm_layer("cgbn")).train()
+        model = task.build_model(norm=training_norm(cfg.model.norm)).train()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
         def step(images, targets):

@@ -25,7 +25,8 @@ from megdet import dist
 from megdet.config import load_config
 from megdet.data.coco import CocoDetection, collate
 from megdet.data.shapes import generate_shapes
-from megdet.nn import norm_layer
+from megdet.nn import training_norm
+from megdet.plan import make_plan
 from megdet.tasks.detection.task import DetectionTask
 
 
@@ -40,16 +41,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         generate_shapes(tmp, args.images * ctx.world_size, 0, size=128, seed=0)
         cfg = load_config("default", [f"data.train.json={tmp}/annotations/instances_train.json",
+                                      f"train.batch_size={args.images * ctx.world_size}",
                                       f"data.train.images={tmp}/train"])  # fmt: skip
         task = DetectionTask(cfg)
         dataset = CocoDetection(task.train_index, cfg.data.train.images, seed=0, hflip=True)
         start = ctx.rank * args.images
         images, targets = collate([dataset[i] for i in range(start, start + args.images)])
-        group = dist.own_group([list(range(ctx.world_size))])
+        plan = make_plan(cfg, ctx.world_size, len(dataset))  # CGBN over all processes, as trained
+        norm = training_norm(cfg.model.norm, plan.bn_groups, ctx.world_size)
         models = {}
         for name in ("own counts", "global counts"):
             torch.manual_seed(0)
-            model = task.build_model(norm=norm_layer("cgbn", group)).train()
+            model = task.build_model(norm=norm).train()
             optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
             models[name] = (model, DistributedDataParallel(model), optimizer)
 

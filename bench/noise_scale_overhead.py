@@ -26,7 +26,8 @@ from megdet.config import load_config
 from megdet.data.coco import CocoDetection, collate, read_coco
 from megdet.data.shapes import generate_shapes
 from megdet.engine.noise_scale import NoiseScale, split_in_halves
-from megdet.nn import norm_layer
+from megdet.nn import training_norm
+from megdet.plan import make_plan
 from megdet.solver import set_lr
 from megdet.solver.module_lr import AGVM
 from megdet.tasks.detection.model import build_detector
@@ -44,7 +45,10 @@ def main() -> None:
     ctx = dist.init_distributed()
     if ctx.world_size < 2:
         raise SystemExit("run with torchrun over 2+ processes: the noise scale needs them")
-    cfg = load_config("default", [f"model.min_size={args.size}", f"model.max_size={args.size}"])
+    batch = f"train.batch_size={args.images * ctx.world_size}"
+    cfg = load_config(
+        "default", [f"model.min_size={args.size}", f"model.max_size={args.size}", batch]
+    )
     with tempfile.TemporaryDirectory() as tmp:
         generate_shapes(tmp, args.images * ctx.world_size, 0, size=args.size, seed=0)
         dataset = CocoDetection(
@@ -53,13 +57,14 @@ def main() -> None:
         start = ctx.rank * args.images
         images, targets = collate([dataset[i] for i in range(start, start + args.images)])
 
-    group = dist.own_group([list(range(ctx.world_size))])
+    plan = make_plan(cfg, ctx.world_size, len(dataset))  # CGBN over all processes, as trained
+    norm = training_norm(cfg.model.norm, plan.bn_groups, ctx.world_size)
     runs = {}
     even = ctx.world_size % 2 == 0
     halves = split_in_halves(ctx.world_size, ctx.rank) if even else None
     for name in ("plain", "python_hook", "gns", "agvm")[: 4 if even else 3]:
         torch.manual_seed(0)
-        model = build_detector(cfg.model, num_classes=3, norm=norm_layer("cgbn", group))
+        model = build_detector(cfg.model, num_classes=3, norm=norm)
         ddp = DistributedDataParallel(model.to(ctx.device))
         noise = agvm = None
         if name == "python_hook":  # DDP's all-reduce through a Python hook, nothing measured

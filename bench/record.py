@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from megdet.engine.checkpoint import atomic_write_text
+from megdet.atomic import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG_HEADING = "## Results log (appended by `make bench`)"

@@ -28,6 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 STUDY_DATA = ROOT / "experiments" / "data" / "shapes64_8k"
 QUICK_DATA = ROOT / "experiments" / "data" / "shapes64_2k"  # --quick: the same, a quarter
 STUDY_SIZE = ["model.min_size=64", "model.max_size=64"]
+# Goyal's studies (issue 16): 10 classes of 32 px textured shapes, 10,000 images (quick: 2,500).
+PATTERNS = ROOT / "experiments" / "data" / "patterns32_10k"
+QUICK_PATTERNS = ROOT / "experiments" / "data" / "patterns32_2k"
 DIVERGED = re.compile(r"training diverged at iteration (\d+) \(lr ([0-9.e+-]+)\)")
 
 
@@ -35,6 +38,32 @@ DIVERGED = re.compile(r"training diverged at iteration (\d+) \(lr ([0-9.e+-]+)\)
 class Row:
     name: str
     overrides: list[str]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a study's runs are: the task's preset and the metric its table reports (an
+    ``eval`` key, a fraction shown in percent)."""
+
+    config: str
+    metric: str
+    label: str
+
+
+DETECTION = Setting("default", "mmAP", "mmAP")
+CLASSIFICATION = Setting("classify_demo", "top1_err", "top-1 error")
+
+
+def ensure_patterns(folder: Path, train: int, val: int) -> list[str]:
+    """Generate the classification set once; the overrides that point a run at it."""
+    if not (folder / "val").is_dir():
+        subprocess.run(
+            [sys.executable, "-m", "megdet", "data", "patterns", "--out", str(folder),
+             "--classes", "10", "--train", str(train), "--val", str(val), "--size", "32",
+             "--seed", "0"],
+            check=True,
+        )  # fmt: skip
+    return [f"data.train.images={folder}/train", f"data.val.images={folder}/val"]
 
 
 def ensure_shapes(folder: Path, train: int, val: int, size: int) -> list[str]:
@@ -53,8 +82,11 @@ def ensure_shapes(folder: Path, train: int, val: int, size: int) -> list[str]:
     ]
 
 
-def run(row: Row, seed: int, runs: Path, common: list[str], config: str = "default") -> dict:
-    """One training run (or its stored result); returns what the table needs."""
+def run(
+    row: Row, seed: int, runs: Path, common: list[str], config: str = "default", metric="mmAP"
+) -> dict:
+    """One training run (or its stored result); returns what the table needs: ``metric`` (in
+    percent) per epoch and at the end."""
     out = runs / f"{row.name}-s{seed}"
     result_file = out / "study_result.json"
     if result_file.is_file():
@@ -72,7 +104,8 @@ def run(row: Row, seed: int, runs: Path, common: list[str], config: str = "defau
     elif proc.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    result["mmAP_per_epoch"] = [round(100 * r["eval"]["mmAP"], 2) for r in records if "eval" in r]
+    per_epoch_key = f"{metric}_per_epoch"
+    result[per_epoch_key] = [round(100 * r["eval"][metric], 2) for r in records if "eval" in r]
     # Issue 15: the noise scale per epoch as the ratio of the epoch's mean variance and mean
     # squared gradient (a ratio of means: single estimates of |G|^2 are noisy, even negative).
     training = [r for r in records if "eval" not in r]
@@ -84,20 +117,22 @@ def run(row: Row, seed: int, runs: Path, common: list[str], config: str = "defau
     plan = json.loads((out / "plan.json").read_text())
     result["plan"] = {k: plan[k] for k in ("global_batch", "lr", "warmup_iters", "max_iter")}
     if not diverged:
-        result["mmAP"] = result["mmAP_per_epoch"][-1]
+        result[metric] = result[per_epoch_key][-1]
     out.mkdir(parents=True, exist_ok=True)
     result_file.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
-def summarize(rows: list[Row], results: dict[str, list[dict]]) -> list[list[str]]:
-    """One table line per row: mean and spread of the final mmAP, and every divergence."""
+def summarize(
+    rows: list[Row], results: dict[str, list[dict]], metric: str = "mmAP"
+) -> list[list[str]]:
+    """One table line per row: mean and spread of the final metric, and every divergence."""
     lines = []
     for row in rows:
         done = results.get(row.name, [])
         if not done:
             continue
-        finals = [r["mmAP"] for r in done if "mmAP" in r]
+        finals = [r[metric] for r in done if metric in r]
         diverged = [
             "seed {seed}: iteration {iteration}, lr {lr:.3g}".format(
                 seed=r["seed"], **r["diverged"]
@@ -125,11 +160,14 @@ def _number(value: float | None) -> str:
     return "—" if value is None else f"{value:.0f}"
 
 
-def write_table(path: Path, title: str, notes: str, rows: list[Row], results: dict) -> None:
-    header = ["row", "batch", "lr", "warmup it", "iterations", "final mmAP (mean ± sd)",
-              "per seed", "diverged", "noise scale per epoch", "overrides"]  # fmt: skip
+def write_table(
+    path: Path, title: str, notes: str, rows: list[Row], results: dict, setting=DETECTION
+) -> None:
+    header = ["row", "batch", "lr", "warmup it", "iterations",
+              f"final {setting.label} (mean ± sd)", "per seed", "diverged",
+              "noise scale per epoch", "overrides"]  # fmt: skip
     table = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
-    table += [f"| {' | '.join(line)} |" for line in summarize(rows, results)]
+    table += [f"| {' | '.join(line)} |" for line in summarize(rows, results, setting.metric)]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip()  # fmt: skip
     text = (
@@ -149,19 +187,33 @@ def _cpu() -> str:
     return platform.machine()
 
 
-def main(name: str, doc: str, title: str, notes: str, rows: list[Row], report: bool = False):
-    """A study's command line: ``--rows``, ``--seeds`` and ``--quick``; runs to
+def main(
+    name: str,
+    doc: str,
+    title: str,
+    notes: str,
+    rows: list[Row],
+    report: bool = False,
+    setting: Setting = DETECTION,
+):
+    """A study's command line: ``--rows``, ``--seeds``, ``--quick``, ``--table-only``; runs to
     ``experiments/runs/NAME``, the table (rewritten after every run) to
     ``experiments/results/NAME.md`` and, with ``report``, ``megdet report`` of the runs (plots,
     MegDet Table 1) to ``experiments/results/NAME/``.
 
-    ``--quick`` runs the same rows on a 2,000-image set, into ``runs/quick`` and
+    ``--quick`` runs the same rows on a quarter of the data (2,000 shapes images, 2,500
+    patterns), into ``runs/quick`` and
     ``results/quick``: a check that a study works end to end (``make reproduce-quick``), whose
     numbers are not the study's."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--rows", help="comma-separated row names (default: all)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
-    parser.add_argument("--quick", action="store_true", help="2,000 training images, not 8,000")
+    parser.add_argument("--quick", action="store_true", help="a quarter of the training images")
+    parser.add_argument(
+        "--table-only",
+        action="store_true",
+        help="run nothing: the table (and report) of the runs already finished",
+    )
     args = parser.parse_args()
     chosen = [r for r in rows if not args.rows or r.name in args.rows.split(",")]
     if args.rows and not chosen:
@@ -169,21 +221,30 @@ def main(name: str, doc: str, title: str, notes: str, rows: list[Row], report: b
             f"--rows: none of {args.rows} is a row; rows: {', '.join(r.name for r in rows)}"
         )
     base = ROOT / "experiments"
+    if setting is CLASSIFICATION:
+        folder, train, val = (QUICK_PATTERNS, 2500, 500) if args.quick else (PATTERNS, 10000, 2000)
+        data = ensure_patterns(folder, train, val)
+    else:
+        folder, train = (QUICK_DATA, 2000) if args.quick else (STUDY_DATA, 8000)
+        data = STUDY_SIZE + ensure_shapes(
+            folder, train=train, val=200 if args.quick else 500, size=64
+        )
     if args.quick:
-        data = ensure_shapes(QUICK_DATA, train=2000, val=200, size=64)
         runs, results_dir = base / "runs" / "quick" / name, base / "results" / "quick"
     else:
-        data = ensure_shapes(STUDY_DATA, train=8000, val=500, size=64)
         runs, results_dir = base / "runs" / name, base / "results"
     results: dict[str, list[dict]] = {}
     folders = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for row in chosen:
-            result = run(row, seed, runs, STUDY_SIZE + data)
-            folders.append(runs / f"{row.name}-s{seed}")
+            run_dir = runs / f"{row.name}-s{seed}"
+            if args.table_only and not (run_dir / "study_result.json").is_file():
+                continue
+            result = run(row, seed, runs, data, setting.config, setting.metric)
+            folders.append(run_dir)
             results.setdefault(row.name, []).append(result)
-            print(row.name, seed, result.get("mmAP", result.get("diverged")), flush=True)
-            write_table(results_dir / f"{name}.md", title, notes, chosen, results)
+            print(row.name, seed, result.get(setting.metric, result.get("diverged")), flush=True)
+            write_table(results_dir / f"{name}.md", title, notes, chosen, results, setting)
     if report:
         from megdet.report import write_report
 

@@ -156,6 +156,16 @@ def _parser() -> argparse.ArgumentParser:
     shapes.add_argument("--width", type=int, help="image width in pixels (default: --size)")
     shapes.add_argument("--seed", type=int, default=0)
     shapes.set_defaults(handler=_cmd_shapes)
+    patterns = data_commands.add_parser(
+        "patterns", help="write the synthetic classification set (ImageFolder)"
+    )
+    patterns.add_argument("--out", type=Path, required=True, help="output folder")
+    patterns.add_argument("--classes", type=int, default=10, help="number of classes (2-36)")
+    patterns.add_argument("--train", type=int, required=True, help="number of training images")
+    patterns.add_argument("--val", type=int, required=True, help="number of validation images")
+    patterns.add_argument("--size", type=int, default=32, help="image side in pixels")
+    patterns.add_argument("--seed", type=int, default=0)
+    patterns.set_defaults(handler=_cmd_patterns)
     check = data_commands.add_parser("check", help="validate a COCO dataset, every problem at once")
     check.add_argument("--json", type=Path, required=True, help="COCO instances file")
     check.add_argument("--images", type=Path, help="folder the file_names are relative to")
@@ -178,7 +188,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     plan.set_defaults(handler=_cmd_plan)
 
-    train = commands.add_parser("train", help="train a detector")
+    train = commands.add_parser("train", help="train (a detector, or what the config's task says)")
     config_args(train)
     train.add_argument("--out", type=Path, help="run folder (default runs/<config name>)")
     train.add_argument("--overwrite", action="store_true", help="replace a previous run there")
@@ -196,7 +206,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(handler=_cmd_train)
 
-    evaluate = commands.add_parser("eval", help="COCO evaluation of a run or a weights file")
+    evaluate = commands.add_parser("eval", help="evaluate a run or a weights file on the val split")
     config_args(evaluate, required=False)
     evaluate.add_argument("--run", type=Path, help="run folder: its config and last checkpoint")
     evaluate.add_argument("--weights", type=Path, help="checkpoint file (with --config)")
@@ -246,6 +256,20 @@ def _cmd_data_check(args) -> int:
     return 2 if report.problems(args.strict) else 0
 
 
+def _cmd_patterns(args) -> int:
+    from megdet.data.patterns import generate_patterns
+
+    try:
+        written = generate_patterns(
+            args.out, args.classes, args.train, args.val, args.size, args.seed
+        )
+    except ValueError as exc:
+        raise MegdetError(f"data patterns: {exc}") from None
+    for split, path in written.items():
+        print(f"{split}: {path} ({args.classes} class folders)")
+    return 0
+
+
 def _cmd_shapes(args) -> int:
     from megdet.data.shapes import generate_shapes
 
@@ -262,11 +286,11 @@ def _cmd_plan(args) -> int:
 
     from megdet.plan import make_plan
     from megdet.solver import lr_at
-    from megdet.tasks.detection.task import DetectionTask
+    from megdet.tasks import build_task
 
     cfg = load_config(args.config, args.overrides)
     validate_initialization(cfg)
-    task = DetectionTask(cfg)  # the counts and the memory estimate training uses
+    task = build_task(cfg)  # the counts and the memory estimate training uses
     memory = None
     if args.memory or cfg.train.images_per_device == "auto":
         memory = task.estimate_memory()
@@ -297,7 +321,7 @@ def _cmd_train(args) -> int:
     from megdet.engine.stop import STOPPED_EXIT_CODE, StopRequested
     from megdet.engine.trainer import train
     from megdet.launch import report_to_launcher
-    from megdet.tasks.detection.task import DetectionTask
+    from megdet.tasks import build_task
 
     cfg = with_absolute_data_paths(load_config(args.config, args.overrides))
     validate_initialization(cfg)
@@ -315,7 +339,7 @@ def _cmd_train(args) -> int:
         problem = dist.broadcast_object(problem)  # all ranks stop, or none does
         if problem:
             raise MegdetError(problem)
-        task = DetectionTask(cfg)
+        task = build_task(cfg)
         try:
             result = train(cfg, task, run_dir, ctx, resume=resume, replace=overwrite)
         except StopRequested as stopped:
@@ -328,7 +352,8 @@ def _cmd_train(args) -> int:
                     print(line, file=sys.stderr)
             return STOPPED_EXIT_CODE
         if ctx.is_main:
-            _print_final(run_dir, result.metrics)
+            _print_final(run_dir, task, result.metrics)
+        dist.barrier()  # see dist.barrier: every rank done before any tears down
     finally:
         dist.shutdown()
     return 0
@@ -356,7 +381,7 @@ def resume_command(run_dir: Path, typed: list[str] | None = None) -> str:
 def _cmd_eval(args) -> int:
     from megdet.engine.checkpoint import load_checkpoint, load_model_state
     from megdet.engine.run_dir import folder_problem
-    from megdet.tasks.detection.task import DetectionTask
+    from megdet.tasks import build_task
 
     if args.out and (problem := folder_problem(args.out)):
         raise MegdetError(problem)
@@ -375,24 +400,23 @@ def _cmd_eval(args) -> int:
         raise MegdetError(problem)
     ctx = dist.init_distributed()
     try:
-        task = DetectionTask(cfg)
+        task = build_task(cfg)
         model = task.build_model(split="val")
         load_model_state(model, state["model"], weights if args.run else args.weights)
         metrics = task.evaluate(model.to(ctx.device), ctx.device, out if ctx.is_main else None)
         if ctx.is_main:
             print(task.format_metrics(metrics))
             if out:
-                print(f"results: {out}/results.json, metrics: {out}/metrics.json")
+                print(f"written to {out} (metrics.json)")
+        dist.barrier()  # see dist.barrier: every rank done before any tears down
     finally:
         dist.shutdown()
     return 0
 
 
-def _print_final(run_dir: Path, metrics: dict[str, float]) -> None:
-    from megdet.tasks.detection.evaluation import format_metrics
-
-    print(f"\nCOCO bbox metrics on the val split ({run_dir}/eval/metrics.json):")
-    print(format_metrics(metrics))
+def _print_final(run_dir: Path, task, metrics: dict[str, float]) -> None:
+    print(f"\n{task.metrics_name} on the val split ({run_dir}/eval/metrics.json):")
+    print(task.format_metrics(metrics))
 
 
 def _under_launcher() -> bool:

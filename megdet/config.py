@@ -22,7 +22,10 @@ import yaml
 
 from megdet.errors import ConfigError
 
-BACKBONES = ("tiny", "resnet18", "resnet50")
+BACKBONES = ("tiny", "resnet18", "resnet50", "resnet20", "resnet56")
+DETECTION_BACKBONES = ("tiny", "resnet18", "resnet50")
+CLASSIFICATION_BACKBONES = ("resnet18", "resnet50", "resnet20", "resnet56")
+AUGMENTS = ("random_resized_crop", "pad_crop", "none")
 NORMS = ("frozen", "bn", "gn", "cgbn")
 NORM_SCOPES = ("backbone", "backbone+fpn", "all")
 POLICIES = ("step", "normal", "long")
@@ -32,6 +35,7 @@ EVAL_BACKENDS = ("faster", "pycocotools")
 DTYPES = ("float32", "float64")
 AMPS = ("none", "bf16", "fp16")
 MODULE_LRS = ("none", "agvm")
+TASKS = ("detection", "classification")
 
 
 @dataclass
@@ -173,13 +177,30 @@ class EvalConfig:
 
 
 @dataclass
+class ClassificationConfig:
+    """``task: classification`` (Goyal et al.): ImageFolder data, a ResNet, top-1/5 error."""
+
+    image_size: int = 224  # side of the training crop and of the evaluation crop
+    # Evaluation: short side before the center crop; null: image_size / 0.875 (224 -> 256)
+    # with random_resized_crop, image_size otherwise.
+    resize: int | None = None
+    # Training augmentation: random_resized_crop + flip (ImageNet), pad_crop (4 px padding,
+    # random crop + flip: CIFAR), none (resize + center crop, as evaluation).
+    augment: str = "random_resized_crop"
+    zero_init_residual: bool = True  # each residual block's last BN gamma starts at 0 (5.1)
+    label_smoothing: float = 0.0
+
+
+@dataclass
 class Config:
+    task: str = "detection"  # what is trained: the model, data and evaluation it brings
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    classification: ClassificationConfig = field(default_factory=ClassificationConfig)
 
 
 def preset_names() -> list[str]:
@@ -229,6 +250,8 @@ def validate(cfg: Config) -> None:
         "train.dtype": (cfg.train.dtype, DTYPES),
         "train.amp": (cfg.train.amp, AMPS),
         "solver.module_lr": (cfg.solver.module_lr, MODULE_LRS),
+        "task": (cfg.task, TASKS),
+        "classification.augment": (cfg.classification.augment, AUGMENTS),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -288,6 +311,19 @@ def validate(cfg: Config) -> None:
         )
     if cfg.model.anchor_sizes is not None and len(cfg.model.anchor_sizes) != 5:
         raise ConfigError("model.anchor_sizes: needs 5 sizes, one per FPN level P2..P6")
+    backbones = DETECTION_BACKBONES if cfg.task == "detection" else CLASSIFICATION_BACKBONES
+    if cfg.model.backbone not in backbones:
+        raise ConfigError(
+            f"model.backbone: '{cfg.model.backbone}' is not a {cfg.task} backbone; use one of "
+            f"{', '.join(backbones)}"
+        )
+    classify = cfg.classification
+    if classify.image_size <= 0 or (classify.resize or 1) <= 0:
+        raise ConfigError("classification.image_size, classification.resize: must be > 0")
+    if not 0 <= classify.label_smoothing < 1:
+        raise ConfigError(
+            f"classification.label_smoothing: must be in [0, 1), got {classify.label_smoothing}"
+        )
     agvm = cfg.solver.agvm
     if agvm.interval < 1:
         raise ConfigError(f"solver.agvm.interval: must be >= 1, got {agvm.interval}")

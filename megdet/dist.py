@@ -91,6 +91,10 @@ def get_rank() -> int:
 
 
 def barrier() -> None:
+    """Wait for every rank. Before ``shutdown`` on a command's success path: under load, one
+    rank's teardown while another was still in its last collective's cleanup aborted the
+    other once (``megdet eval --nproc 2``, SIGABRT "terminate called without an active
+    exception"); not on error paths, where a dead peer would never arrive."""
     if get_world_size() > 1:
         dist.barrier()
 

@@ -11,13 +11,9 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from megdet.config import Config
 from megdet.errors import ConfigError
-
-if TYPE_CHECKING:  # the plan stays importable without torchvision
-    from megdet.tasks.detection.memory import MemoryEstimate
 
 # Paper policies (MegDet section 4): ([(epoch, lr factor), ...], last epoch).
 POLICIES = {
@@ -65,6 +61,27 @@ def bn_groups(cfg: Config, world_size: int, batch: int) -> BNGroups | None:
 
 
 @dataclass(frozen=True)
+class MemoryEstimate:
+    """What a task measured of its model's memory per process (``Task.estimate_memory``),
+    for ``images_per_device: auto`` and ``megdet plan --memory``."""
+
+    image_size: tuple[int, int]  # (height, width) the estimate was measured at
+    weights_mb: float  # weights, gradients, momentum and DDP buckets: 4 x parameters
+    fixed_mb: dict[str, float]  # activations not proportional to images, per mode
+    per_image_mb: dict[str, float]  # activations per image, per checkpointing mode
+
+    def total_mb(self, mode: str, images: int) -> float:
+        return self.weights_mb + self.fixed_mb[mode] + images * self.per_image_mb[mode]
+
+    def images_that_fit(self, mode: str, budget_gb: float) -> int:
+        free = budget_gb * 1024 - self.weights_mb - self.fixed_mb[mode]
+        return max(0, int(free // self.per_image_mb[mode]))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
 class Plan:
     world_size: int
     global_batch: int
@@ -102,14 +119,19 @@ class Plan:
             where = f"{g.ranks_per_group} process(es)" if not g.local_group_size else "1 process"
             bn = f"; CGBN over {g.images_per_group} images ({where} per group)"
         length = f"{self.max_iter} iterations"
+        warmup = "no warmup"
+        if self.warmup_iters:
+            warmup = (
+                f"{self.warmup} warmup from {self.warmup_start_lr:g} over {self.warmup_iters} "
+                "iterations"
+            )
         planned = round(self.epochs * self.iters_per_epoch)
         if self.max_iter < planned:
             length = f"{planned} iterations, cut to {self.max_iter} by train.max_iter"
         return (
             f"{self.world_size} process(es) x {self.images_per_device} images = global batch "
             f"{self.global_batch}; lr {self.base_lr:g} x {self.global_batch}/{self.base_batch} = "
-            f"{self.lr:g}; {self.warmup} warmup from {self.warmup_start_lr:g} over "
-            f"{self.warmup_iters} iterations; {self.iters_per_epoch} iterations/epoch x "
+            f"{self.lr:g}; {warmup}; {self.iters_per_epoch} iterations/epoch x "
             f"{self.epochs:g} epochs = {length}; decay {steps}{bn}"
             + (
                 f"; AGVM module lr from iteration {self.agvm_start}, measured every "

@@ -12,7 +12,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from megdet.engine.checkpoint import atomic_write_bytes, atomic_write_text
+from megdet.atomic import atomic_write_bytes, atomic_write_text
 from megdet.errors import MegdetError
 
 # MegDet Table 1's quantities: sampled positives and negatives per image, RPN and RoI heads.
@@ -127,6 +127,13 @@ def table1(runs: list[RunLog], epochs: list[int] | None = None) -> str:
     return "\n".join(lines) + "\n" + note
 
 
+# The validation curve per task: the metric, its axis label and the plot's title.
+CURVES = {
+    "mmAP": ("mmAP (%)", "Validation mmAP per epoch (MegDet Fig. 4)"),
+    "top1_err": ("top-1 error (%)", "Validation top-1 error per epoch (Goyal et al. Fig. 2)"),
+}
+
+
 def write_report(
     run_dirs: list[Path], out_dir: Path, epochs: list[int] | None = None, x: str = "iteration"
 ):
@@ -155,36 +162,38 @@ def write_report(
     written.append(_save(fig, out_dir / "loss_lr.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    metric = next((m for m in CURVES for run in runs for r in run.evals if m in r["eval"]), "mmAP")
     for run in runs:
-        points = [(r["epoch"], 100 * r["eval"]["mmAP"]) for r in run.evals if "mmAP" in r["eval"]]
+        points = [(r["epoch"], 100 * r["eval"][metric]) for r in run.evals if metric in r["eval"]]
         if points:
             ax.plot(*zip(*points, strict=True), marker="o", label=run.name)
-    ax.set(xlabel="epoch", ylabel="mmAP (%)", title="Validation mmAP per epoch (MegDet Fig. 4)")
+    ylabel, title = CURVES[metric]
+    ax.set(xlabel="epoch", ylabel=ylabel, title=title)
     if any(run.evals for run in runs):
         ax.legend()
     else:
         ax.text(0.5, 0.5, "no evaluations logged", ha="center", transform=ax.transAxes)
-    written.append(_save(fig, out_dir / "mmap_per_epoch.png"))
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, sampler in zip(axes, SAMPLERS, strict=True):
-        for run in runs:
-            ratios = sampling_ratios(run.train)[sampler]
-            if ratios:
-                ax.plot(list(ratios), list(ratios.values()), marker="o", label=run.name)
-        ax.set(xlabel="epoch", ylabel="positives / negatives", title=TITLES[sampler])
-        ax.legend()
-    written.append(_save(fig, out_dir / "pos_neg_ratio.png"))
+    written.append(_save(fig, out_dir / f"{metric.lower()}_per_epoch.png"))
 
     written.append(_plot_noise_scale(runs, out_dir / "noise_scale.png", plt, x))
     if any(key.startswith(FACTOR) for run in runs for r in run.train for key in r):
         written.append(_plot_module_lr(runs, out_dir / "module_lr.png", plt, x))
 
-    table = out_dir / "table1.md"
-    atomic_write_text(
-        table, "# Positive and negative samples (MegDet Table 1)\n\n" + table1(runs, epochs)
-    )
-    written.append(table)
+    if any(f"{sampler}_pos" in r for run in runs for r in run.train for sampler in SAMPLERS):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, sampler in zip(axes, SAMPLERS, strict=True):
+            for run in runs:
+                ratios = sampling_ratios(run.train)[sampler]
+                if ratios:
+                    ax.plot(list(ratios), list(ratios.values()), marker="o", label=run.name)
+            ax.set(xlabel="epoch", ylabel="positives / negatives", title=TITLES[sampler])
+            ax.legend()
+        written.append(_save(fig, out_dir / "pos_neg_ratio.png"))
+        table = out_dir / "table1.md"  # detection runs: sampled positives and negatives
+        atomic_write_text(
+            table, "# Positive and negative samples (MegDet Table 1)\n\n" + table1(runs, epochs)
+        )
+        written.append(table)
     return written
 
 
@@ -216,7 +225,7 @@ FACTOR = "lr_factor_"  # AGVM's multiplier of a module group's lr, logged per it
 def _plot_module_lr(runs: list[RunLog], path: Path, plt, x: str) -> Path:
     """AGVM's lr multiplier of each module group: one color per group, one line style per
     run (the backbone is the reference, at 1)."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     colors, styles = {}, ["-", "--", ":", "-."]
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, run in enumerate(r for r in runs if any(FACTOR in k for t in r.train for k in t)):
@@ -228,7 +237,7 @@ def _plot_module_lr(runs: list[RunLog], path: Path, plt, x: str) -> Path:
             ax.plot(*zip(*points, strict=True), color=color, linestyle=styles[i % len(styles)],
                     label=f"{run.name}: {group}")  # fmt: skip
     ax.set(xlabel=x, ylabel="lr multiplier", title="AGVM: each module's lr / the scaled lr")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the plot
     return _save(fig, path)
 
 

@@ -78,7 +78,7 @@ def test_plan_command_works_without_the_data_and_prints_lr_at():
 
 
 def _estimate():
-    from megdet.tasks.detection.memory import MemoryEstimate
+    from megdet.plan import MemoryEstimate
 
     # 1 GB of weights/gradients/momentum; 1 GB per image without checkpointing, 0.4 GB with.
     per_image = {"none": 1024.0, "stages": 400.0}

@@ -6,15 +6,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import PIL.Image
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from megdet.data.check import check_structure, load_json
+from megdet.data.images import read_rgb
 from megdet.data.sampler import image_seed
-from megdet.errors import DataError, one_line
+from megdet.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -114,27 +113,13 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def _load(self, info: dict) -> torch.Tensor:
         path = self.image_dir / info["file_name"]
-        try:
-            with PIL.Image.open(path) as file:
-                image = F.pil_to_tensor(_to_rgb8(file))
-        except Exception as exc:  # any decoder failure, DecompressionBombError included
-            raise DataError(f"{path}: cannot read image ({one_line(exc)})") from None
+        image = read_rgb(path)
         if tuple(image.shape[-2:]) != (info["height"], info["width"]):
             raise DataError(
                 f"{path}: image is {image.shape[-1]}x{image.shape[-2]} but "
                 f"{self.index.path} says {info['width']}x{info['height']}"
             )
         return tv_tensors.Image(image)
-
-
-def _to_rgb8(image: PIL.Image.Image) -> PIL.Image.Image:
-    """Grayscale, RGBA, palette and 16/32-bit images as 8-bit RGB; 16-bit values are scaled,
-    not clipped (PIL's own conversion clips everything above 255 to white)."""
-    if image.mode.startswith("I"):
-        array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if "16" in image.mode else max(float(array.max()), 1.0)
-        image = PIL.Image.fromarray(np.clip(array / top * 255.0, 0, 255).round().astype(np.uint8))
-    return image.convert("RGB")
 
 
 def collate(batch):

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from megdet.engine.checkpoint import atomic_write_text
+from megdet.atomic import atomic_write_text
 
 # What a run writes; --overwrite removes exactly these, never anything else in the folder.
 RUN_OUTPUTS = ("config.yaml", "plan.json", "metrics.jsonl", "checkpoints", "eval", "report")

@@ -18,7 +18,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from megdet import dist
 from megdet.config import Config, config_to_dict, dump_config
-from megdet.data.coco import collate
 from megdet.data.sampler import GlobalShuffleSampler
 from megdet.engine.amp import MixedPrecision
 from megdet.engine.checkpoint import LAST, load_model_state, newest_checkpoint, save_checkpoint
@@ -26,12 +25,12 @@ from megdet.engine.events import EventWriter
 from megdet.engine.noise_scale import NoiseScale, split_in_halves
 from megdet.engine.run_dir import start_run_dir
 from megdet.engine.stop import StopRequested, StopSignals
+from megdet.engine.task import Task
 from megdet.errors import MegdetError
-from megdet.nn import norm_layer
+from megdet.nn import training_norm
 from megdet.plan import Plan, make_plan
 from megdet.solver import build_optimizer, lr_at, set_lr
 from megdet.solver.module_lr import AGVM
-from megdet.tasks.detection.task import DetectionTask
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,7 @@ class DivergenceError(MegdetError):
 
 def train(
     cfg: Config,
-    task: DetectionTask,
+    task: Task,
     run_dir: Path,
     ctx: dist.DistContext,
     resume: bool = False,
@@ -70,17 +69,7 @@ def train(
     if ctx.is_main:
         log.info("plan: %s", plan.summary())
 
-    norm = None
-    if plan.bn_groups is not None:
-        group = dist.own_group(plan.bn_groups.groups(ctx.world_size))
-        norm = norm_layer(cfg.model.norm, group, plan.bn_groups.local_group_size)
-    elif cfg.model.norm == "bn":
-        # Per-process BN as CGBN over this process alone: ATen's BatchNorm kernels, as
-        # nn.BatchNorm2d, but a recomputation under activation checkpointing does not move its
-        # running statistics a second time. Used whether or not checkpointing is on, so that
-        # turning it on changes nothing else.
-        alone = dist.own_group([[rank] for rank in range(ctx.world_size)])
-        norm = norm_layer("cgbn", alone)
+    norm = training_norm(cfg.model.norm, plan.bn_groups, ctx.world_size)
     # A resumed run loads its checkpoint, a fresh one the pretrained backbone (rank 0 only: the
     # others receive the weights); the same initial weights on every rank either way.
     found = _find_checkpoint(run_dir, ctx) if resume else None
@@ -121,7 +110,7 @@ def train(
         task.train_dataset(),
         batch_sampler=sampler,
         num_workers=cfg.data.num_workers,
-        collate_fn=collate,
+        collate_fn=task.collate,
         pin_memory=ctx.device.type == "cuda",
     )
     if ctx.is_main:  # the run can start: only now does its folder change

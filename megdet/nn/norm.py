@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torchvision import ops
 
+from megdet import dist
 from megdet.nn.cgbn import CrossGPUBatchNorm2d, copy_batchnorm_state
 
 
@@ -55,6 +56,25 @@ def norm_layer(
         return _NORMS[name]
     except KeyError:
         raise ValueError(f"unknown norm '{name}' (choose from cgbn, {', '.join(_NORMS)})") from None
+
+
+def training_norm(name: str, bn_groups=None, world_size: int = 1) -> Callable[[int], nn.Module]:
+    """The normalization a training process builds its model with, for ``model.norm`` and the
+    plan's ``bn_groups`` (``plan.BNGroups``, CGBN's statistics groups) over ``world_size``
+    processes. Called by every process together (it creates process groups) when
+    ``world_size`` > 1; with 1 (the memory estimate, one-process benches) it creates none.
+
+    ``bn`` (per-process BN) trains as CGBN over each process alone: ATen's BatchNorm kernels,
+    as ``nn.BatchNorm2d``, but a recomputation under activation checkpointing does not move
+    its running statistics a second time; used whether or not checkpointing is on, so that
+    turning it on changes nothing else. ``frozen`` and ``gn`` have no statistics to share."""
+    if name == "cgbn" and bn_groups is not None:
+        group = dist.own_group(bn_groups.groups(world_size)) if world_size > 1 else None
+        return norm_layer("cgbn", group, bn_groups.local_group_size)
+    if name in ("bn", "cgbn"):
+        alone = dist.own_group([[rank] for rank in range(world_size)]) if world_size > 1 else None
+        return norm_layer("cgbn", alone)
+    return norm_layer(name)
 
 
 def freeze_batchnorm(module: nn.Module) -> nn.Module:

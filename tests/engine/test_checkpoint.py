@@ -4,7 +4,8 @@ import stat
 import pytest
 import torch
 
-from megdet.engine.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from megdet.atomic import atomic_write_text
+from megdet.engine.checkpoint import load_checkpoint, save_checkpoint
 from megdet.errors import MegdetError
 
 

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
-from urllib.error import URLError
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
-from torchvision.models import get_model_weights, resnet
+from torchvision.models import resnet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from megdet.config import ModelConfig
-from megdet.errors import ConfigError
 from megdet.nn import freeze_batchnorm
 from megdet.nn.recompute import checkpoint_module
+from megdet.nn.weights import load_resnet_weights
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +85,7 @@ def build_backbone(
         widths = [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
         stem = ["conv1", "bn1"]
     if pretrained and cfg.backbone_weights not in ("", "none"):
-        _load_weights(body, cfg.backbone, cfg.backbone_weights)
+        load_resnet_weights(body, cfg.backbone, cfg.backbone_weights)
     # detectron2's FREEZE_AT: 1 freezes the stem, 2 the stem and res2, ...
     stages = [stem, *([name] for name in STAGES)]
     for names in stages[: cfg.frozen_stages]:
@@ -123,55 +120,3 @@ def apply_checkpointing(backbone: BackboneWithFPN, mode: str) -> list[str]:
             checkpoint_module(module)
             names.append(name)
     return names
-
-
-def _load_weights(body: nn.Module, backbone: str, source: str) -> None:
-    """ImageNet weights into the ResNet ``body``: torchvision's own (``imagenet``, through the
-    torch hub cache) or a local state_dict file of that ResNet; the classifier is ignored."""
-    if source == "imagenet":
-        state, source = _imagenet_state_dict(backbone)
-    else:
-        try:
-            state = torch.load(source, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise ConfigError(f"model.backbone_weights: file not found: {source}") from None
-        except Exception as exc:
-            raise ConfigError(f"model.backbone_weights: cannot load {source} ({exc})") from None
-        if not isinstance(state, dict):
-            raise ConfigError(f"model.backbone_weights: {source} does not hold a state_dict")
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    try:
-        missing, unexpected = body.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shapes of another ResNet
-        first = str(exc).strip().splitlines()[-1].strip()
-        raise ConfigError(
-            f"model.backbone_weights: {source} does not fit model.backbone={backbone} ({first})"
-        ) from None
-    missing = [k for k in missing if not k.startswith("fc.") and "num_batches_tracked" not in k]
-    if missing or unexpected:
-        raise ConfigError(
-            f"model.backbone_weights: {source} does not fit model.backbone={backbone} "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    log.info("loaded backbone weights from %s", source)
-
-
-def _imagenet_state_dict(backbone: str) -> tuple[dict, str]:
-    """torchvision's ImageNet weights (IMAGENET1K_V1, as its detection models use), from the
-    torch hub cache, downloading them once where there is internet."""
-    weights = get_model_weights(backbone).IMAGENET1K_V1
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
-    try:
-        state = weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
-    except (OSError, URLError) as exc:  # no internet: URLError is an OSError too
-        reason = getattr(exc, "reason", exc)
-        raise ConfigError(
-            f"model.backbone_weights: imagenet: cannot download {weights.url} ({reason}); "
-            f"put that file at {cached}, or pass a local copy: model.backbone_weights=PATH"
-        ) from None
-    except Exception as exc:  # a damaged file in the cache
-        raise ConfigError(
-            f"model.backbone_weights: imagenet: cannot read {cached} ({exc}); delete it to "
-            "download it again"
-        ) from None
-    return state, str(cached)

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from megdet import dist
+from megdet.atomic import atomic_write_text
 from megdet.config import EVAL_BACKENDS
 from megdet.data.coco import CocoDetection, collate
-from megdet.engine.checkpoint import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -17,41 +17,21 @@ gradients, SGD momentum and DDP's gradient buckets add 4 x the parameter bytes.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
 import torch
 
 from megdet.config import CHECKPOINTING, Config
-from megdet.nn import norm_layer
+from megdet.nn import training_norm
+from megdet.plan import MemoryEstimate
 from megdet.tasks.detection.backbone import checkpoint_regions
 from megdet.tasks.detection.model import build_detector
 
 MB = 2**20
 
 
-@dataclass(frozen=True)
-class MemoryEstimate:
-    image_size: tuple[int, int]  # (height, width) the estimate was measured at
-    weights_mb: float  # weights, gradients, momentum and DDP buckets: 4 x parameters
-    fixed_mb: dict[str, float]  # activations not proportional to images, per mode
-    per_image_mb: dict[str, float]  # activations per image, per checkpointing mode
-
-    def total_mb(self, mode: str, images: int) -> float:
-        return self.weights_mb + self.fixed_mb[mode] + images * self.per_image_mb[mode]
-
-    def images_that_fit(self, mode: str, budget_gb: float) -> int:
-        free = budget_gb * 1024 - self.weights_mb - self.fixed_mb[mode]
-        return max(0, int(free // self.per_image_mb[mode]))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
 def estimate_memory(cfg: Config, num_classes: int) -> MemoryEstimate:
     """Measure the configured detector; every mode of ``train.checkpointing`` at once."""
     torch.manual_seed(0)
-    norm = norm_layer("cgbn") if cfg.model.norm in ("bn", "cgbn") else None
+    norm = training_norm(cfg.model.norm)  # as training builds it, one process
     model = build_detector(cfg.model, num_classes, norm).train()
     height = cfg.model.min_size
     width = min(cfg.model.max_size, round(height * 4 / 3))  # a typical 4:3 COCO image

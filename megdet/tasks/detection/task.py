@@ -12,7 +12,7 @@ from torch import nn
 from megdet import dist
 from megdet.config import Config
 from megdet.data.check import CheckReport, check_image_files
-from megdet.data.coco import CocoDetection, CocoIndex, read_coco
+from megdet.data.coco import CocoDetection, CocoIndex, collate, read_coco
 from megdet.errors import ConfigError, DataError
 from megdet.tasks.detection.backbone import apply_checkpointing
 from megdet.tasks.detection.evaluation import evaluate_distributed, format_metrics
@@ -23,7 +23,10 @@ log = logging.getLogger(__name__)
 
 
 class DetectionTask:
-    """Annotation files are read lazily: evaluating needs only the val split."""
+    """Faster R-CNN + FPN on COCO-format data, as the engine's ``Task``. Annotation files are
+    read lazily: evaluating needs only the val split."""
+
+    metrics_name = "COCO bbox metrics"
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -147,6 +150,8 @@ class DetectionTask:
         return CocoDetection(
             self.train_index, cfg.data.train.images, seed=cfg.train.seed, hflip=cfg.data.hflip
         )
+
+    collate = staticmethod(collate)
 
     @staticmethod
     def to_device(batch, device: torch.device, dtype: torch.dtype = torch.float32):

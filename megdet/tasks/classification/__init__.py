@@ -1,0 +1,1 @@
+"""Image classification with Goyal et al.'s recipe: megdet's second task."""
