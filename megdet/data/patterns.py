@@ -3,9 +3,11 @@
 It lets every machine train a classifier with Goyal et al.'s recipe in minutes, with no
 download, on a task hard enough for the learning rate to matter. A class is a shape and a fill
 texture together (36 combinations; ``--classes`` takes the first K of a fixed shuffled order);
-colors, size, position, stripe period and phase are drawn independently of the class, and the
-background carries noise and low-contrast stripes of its own, so the network must learn both
-the outline and the texture. One seed gives byte-identical files: every random draw comes from
+colors, size, position, stripe period and phase are drawn independently of the class, the two
+texture colors may be close, and strong pixel noise and the background's own stripes cover
+everything, so the network must learn both the outline and the texture (with milder noise a
+ResNet-20 reached 0.35% top-1 error on 10 classes in 10 epochs: too easy for the learning
+rate to matter). One seed gives byte-identical files: every random draw comes from
 one ``numpy`` generator per image.
 """
 
@@ -58,7 +60,7 @@ def draw(rng: np.random.Generator, name: str, size: int) -> np.ndarray:
     first, second = _contrasting_colors(rng)
     fill = np.where(pattern[..., None], first, second)
     image = np.where(mask[..., None], fill, image)
-    noise = rng.normal(0, 8, image.shape)
+    noise = rng.normal(0, 24, image.shape)
     return np.clip(image + noise, 0, 255).astype(np.uint8)
 
 
@@ -72,7 +74,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _shape_mask(rng: np.random.Generator, shape: str, size: int) -> np.ndarray:
-    side = rng.uniform(0.45, 0.8) * size
+    side = rng.uniform(0.35, 0.75) * size
     cx, cy = rng.uniform(side / 2, size - side / 2, 2)
     half = side / 2
     canvas = Image.new("L", (size, size), 0)
@@ -120,5 +122,5 @@ def _contrasting_colors(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarra
     """Two colors far enough apart for a texture to show (a solid fill uses the first)."""
     while True:
         first, second = rng.uniform(0, 255, (2, 3))
-        if np.abs(first - second).sum() > 150:
+        if np.abs(first - second).sum() > 90:
             return first, second
