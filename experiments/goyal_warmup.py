@@ -1,5 +1,5 @@
 """Goyal et al. at small scale (issue 16), warmup at a large batch: batch 1,024 at the linear
-scaling rule's lr (32x the base batch's), with no warmup, a constant warmup (the base rate for
+scaling rule's lr (16x the base batch's), with no warmup, a constant warmup (the base rate for
 2 epochs, then the full rate) and a gradual one (linear from the base rate over 2 epochs).
 Goyal, 8k: no warmup 24.84, constant 25.88, gradual 23.74 top-1 error (256: 23.60).
 
