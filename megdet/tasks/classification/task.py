@@ -52,17 +52,19 @@ class ClassificationTask:
     @property
     def num_train_images(self) -> int:
         """The training folder's images; ``data.train.num_images`` where it is not here."""
-        declared = self.cfg.data.train.num_images
-        if declared is not None and not Path(self.cfg.data.train.images).is_dir():
-            return declared
-        return len(self.train_index.samples)
+        return self._train_count("num_images", lambda index: len(index.samples))
 
     @property
     def num_classes(self) -> int:
-        declared = self.cfg.data.train.num_classes
+        return self._train_count("num_classes", lambda index: len(index.classes))
+
+    def _train_count(self, key: str, count) -> int:
+        """``data.train.<key>`` where the folder is not on this machine (``megdet plan``),
+        else counted from the folder."""
+        declared = getattr(self.cfg.data.train, key)
         if declared is not None and not Path(self.cfg.data.train.images).is_dir():
             return declared
-        return len(self.train_index.classes)
+        return count(self.train_index)
 
     def build_model(self, split: str = "train", norm=None, pretrained: bool = False) -> nn.Module:
         index = self.train_index if split == "train" else self.val_index
