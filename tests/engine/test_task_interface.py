@@ -9,6 +9,7 @@ from megdet.config import load_config
 from megdet.engine.task import Task
 from megdet.errors import ConfigError
 from megdet.tasks import build_task
+from tests.conftest import instant_overrides
 
 
 def test_the_engine_imports_no_task():
@@ -22,8 +23,9 @@ def test_the_engine_imports_no_task():
     assert out.stdout.strip() == "[]"
 
 
-def test_detection_is_a_task():
-    task = build_task(load_config("default"))
+def test_detection_is_a_task(tiny_shapes):
+    """On generated data: a clean clone has no ``data/shapes`` until ``make demo`` runs."""
+    task = build_task(load_config("instant_test", instant_overrides(tiny_shapes)))
     assert isinstance(task, Task)
     members = [m for m in dir(Task) if not m.startswith("_")]
     assert all(hasattr(task, m) for m in members), members
