@@ -1,10 +1,12 @@
-"""The ``megdet`` command: data, plan, train, eval, report.
+"""The ``megdet`` command: data, plan, train, eval, predict, report.
 
     megdet data shapes --out data/shapes --train 2000 --val 200
     megdet plan --config default train.batch_size=64 --nproc 4
     megdet train --config default --nproc 2 --out runs/demo
     torchrun --nproc-per-node 2 -m megdet train --config default --out runs/demo
     megdet eval --run runs/demo --nproc 2
+    megdet predict --run runs/demo photos/ --out predictions --score 0.5
+    megdet data convert --from yolo --images IMG --labels LABELS --names data.yaml --out t.json
     megdet report runs/bs16 runs/bs64 --epochs 1,4,7
 
 ``--nproc N`` starts N local processes through ``torch.distributed.run``; under torchrun (or
@@ -118,6 +120,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     unknown = [item for item in extra if item not in overrides]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "predict":  # its INPUT... took the key=value items too
+        inputs = [item for item in args.inputs if "=" not in item or Path(item).exists()]
+        overrides = [item for item in args.inputs if item not in inputs] + overrides
+        args.inputs = inputs
+        if not inputs:
+            parser.error("predict: give at least one INPUT (image file, folder or glob)")
     if overrides:
         if not hasattr(args, "overrides"):
             parser.error(f"{args.command}: takes no key=value overrides: {' '.join(overrides)}")
@@ -171,6 +179,29 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--images", type=Path, help="folder the file_names are relative to")
     check.add_argument("--strict", action="store_true", help="boxes without area are errors")
     check.set_defaults(handler=_cmd_data_check)
+    convert = data_commands.add_parser(
+        "convert",
+        help="YOLO or Pascal VOC labels to a COCO instances file",
+        description="yolo: --images DIR --labels DIR --names DATASET.yaml; "
+        "voc: --root VOCdevkit/VOC2007 [--split trainval]",
+    )
+    convert.add_argument("--from", dest="source", choices=("yolo", "voc"), required=True)
+    convert.add_argument("--out", type=Path, required=True, help="the COCO JSON file to write")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    convert.add_argument("--images", type=Path, help="yolo: image folder (searched recursively)")
+    convert.add_argument("--labels", type=Path, help="yolo: label folder (same relative paths)")
+    convert.add_argument(
+        "--names", type=Path, help="dataset YAML with 'names' (yolo: required; voc: default "
+        "VOC's 20 classes)"
+    )  # fmt: skip
+    convert.add_argument("--root", type=Path, help="voc: the year folder (VOCdevkit/VOC2007)")
+    convert.add_argument("--split", default="trainval", help="voc: ImageSets/Main/SPLIT.txt")
+    convert.add_argument(
+        "--category-ids",
+        metavar="coco|I,J,...",
+        help="COCO id of each class in order (default 1..K; coco: COCO's 80 ids)",
+    )
+    convert.set_defaults(handler=_cmd_data_convert)
 
     def config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         p.add_argument("--config", required=required, help="preset name or YAML file")
@@ -209,9 +240,27 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="evaluate a run or a weights file on the val split")
     config_args(evaluate, required=False)
     evaluate.add_argument("--run", type=Path, help="run folder: its config and last checkpoint")
-    evaluate.add_argument("--weights", type=Path, help="checkpoint file (with --config)")
+    evaluate.add_argument("--weights", type=Path, help="checkpoint file (its config by default)")
     evaluate.add_argument("--out", type=Path, help="where to write results (default RUN/eval)")
     evaluate.set_defaults(handler=_cmd_eval)
+
+    predict = commands.add_parser(
+        "predict", help="detect objects in images: detections.json and the images drawn"
+    )
+    predict.add_argument("--config", help="preset or YAML (default: the checkpoint's config)")
+    predict.add_argument("--nproc", type=int, default=1, help="local processes (torchrun)")
+    predict.set_defaults(overrides=[])  # key=value items among the inputs: see _parse
+    predict.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, globs")
+    predict.add_argument("--run", type=Path, help="run folder: its config and last checkpoint")
+    predict.add_argument("--weights", type=Path, help="checkpoint file (its config by default)")
+    predict.add_argument("--out", type=Path, required=True, help="output folder")
+    predict.add_argument("--score", type=float, default=0.5, help="lowest score kept (0.5)")
+    predict.add_argument("--batch", type=int, default=4, help="images per forward pass (4)")
+    predict.add_argument(
+        "--device", choices=("cpu", "cuda"), help="default: cuda where there is one"
+    )  # fmt: skip
+    predict.add_argument("--no-draw", action="store_true", help="write detections.json only")
+    predict.set_defaults(handler=_cmd_predict)
 
     report = commands.add_parser("report", help="plots and MegDet Table 1 from finished runs")
     report.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders")
@@ -254,6 +303,39 @@ def _cmd_data_check(args) -> int:
         print(f"{'error' if args.strict else 'dropped'}: {dropped}")
     print(report.summary())
     return 2 if report.problems(args.strict) else 0
+
+
+def _cmd_data_convert(args) -> int:
+    from megdet.data.convert import ConversionFailed, write_conversion
+
+    if args.source == "yolo":
+        from megdet.data.yolo import convert_yolo, read_names
+
+        missing = [f"--{k}" for k in ("images", "labels", "names") if getattr(args, k) is None]
+        if missing:
+            raise MegdetError(f"data convert --from yolo: needs {', '.join(missing)}")
+        names = read_names(args.names)
+        conversion = convert_yolo(args.images, args.labels, names, args.category_ids)
+    else:
+        from megdet.data.voc import convert_voc
+        from megdet.data.yolo import read_names
+
+        if args.root is None:
+            raise MegdetError("data convert --from voc: needs --root (VOCdevkit/VOC2007)")
+        names = read_names(args.names) if args.names else None
+        conversion = convert_voc(args.root, args.split, names, args.category_ids)
+    for note in [*conversion.notes, conversion.dropped_note()]:
+        if note:
+            print(f"note: {note}")
+    try:
+        write_conversion(conversion, args.out, args.overwrite)
+    except ConversionFailed as failed:
+        for problem in failed.errors:
+            print(f"error: {problem}")
+        print(f"{args.out}: not written ({len(failed.errors)} error(s))")
+        return 2
+    print(conversion.summary(args.out))
+    return 0
 
 
 def _cmd_patterns(args) -> int:
@@ -379,30 +461,21 @@ def resume_command(run_dir: Path, typed: list[str] | None = None) -> str:
 
 
 def _cmd_eval(args) -> int:
-    from megdet.engine.checkpoint import load_checkpoint, load_model_state
+    from megdet.engine.checkpoint import load_model_state
     from megdet.engine.run_dir import folder_problem
     from megdet.tasks import build_task
 
     if args.out and (problem := folder_problem(args.out)):
         raise MegdetError(problem)
-    if args.run:
-        weights = args.weights or args.run / "checkpoints" / "last.pt"
-        state = load_checkpoint(weights)
-        cfg = config_from_dict(state["config"], args.overrides)
-        out = args.out or args.run / "eval"
-    elif args.config and args.weights:
-        cfg = load_config(args.config, args.overrides)
-        state = load_checkpoint(args.weights)
-        out = args.out
-    else:
-        raise MegdetError("eval: give --run RUN_DIR, or --config NAME --weights FILE")
+    state, weights, cfg = _checkpoint(args, "eval")
+    out = args.out or (args.run / "eval" if args.run else None)
     if out and not args.out and (problem := folder_problem(out)):  # RUN/eval
         raise MegdetError(problem)
     ctx = dist.init_distributed()
     try:
         task = build_task(cfg)
         model = task.build_model(split="val")
-        load_model_state(model, state["model"], weights if args.run else args.weights)
+        load_model_state(model, state["model"], weights)
         metrics = task.evaluate(model.to(ctx.device), ctx.device, out if ctx.is_main else None)
         if ctx.is_main:
             print(task.format_metrics(metrics))
@@ -412,6 +485,69 @@ def _cmd_eval(args) -> int:
     finally:
         dist.shutdown()
     return 0
+
+
+def _checkpoint(args, command: str):
+    """The checkpoint (``--run``'s last, or ``--weights``), its path, and the config: the
+    checkpoint's own, or ``--config`` where given; key=value overrides on top."""
+    from megdet.engine.checkpoint import load_checkpoint
+
+    if args.run:
+        weights = args.weights or args.run / "checkpoints" / "last.pt"
+    elif args.weights:
+        weights = args.weights
+    else:
+        raise MegdetError(f"{command}: give --run RUN_DIR, or --weights FILE (and --config NAME)")
+    state = load_checkpoint(weights)
+    if args.config:
+        return state, weights, load_config(args.config, args.overrides)
+    if not isinstance(state.get("config"), dict):
+        raise MegdetError(f"{weights}: keeps no config; give --config NAME")
+    return state, weights, config_from_dict(state["config"], args.overrides)
+
+
+def _cmd_predict(args) -> int:
+    from megdet.data.images import find_images
+    from megdet.engine.run_dir import folder_problem
+    from megdet.tasks.detection import predict
+
+    if problem := folder_problem(args.out):
+        raise MegdetError(problem)
+    if args.batch < 1 or not 0 <= args.score <= 1:
+        raise MegdetError("predict: --batch must be >= 1 and --score in [0, 1]")
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise MegdetError("predict --device cuda: torch sees no CUDA device here; use --device cpu")
+    files, unmatched = find_images(args.inputs)
+    if unmatched and not files:
+        raise MegdetError(f"predict: no images to predict ({'; '.join(unmatched)})")
+    state, weights, cfg = _checkpoint(args, "predict")
+    if cfg.task != "detection":
+        raise MegdetError(f"predict: {weights} is a {cfg.task} model; predict draws detections")
+    labels = predict.checkpoint_labels(state, cfg, weights)
+    model = predict.load_detector(state, cfg, weights, labels, args.score)
+    ctx = dist.init_distributed()
+    try:
+        device = torch.device("cpu") if args.device == "cpu" else ctx.device
+        drawn = None if args.no_draw else predict.drawn_paths(files, args.out / "images")
+        mine = predict.predict_files(
+            model, files, drawn, labels, device, args.batch, progress=ctx.is_main
+        )
+        found = predict.gather(mine)
+        if ctx.is_main:
+            predict.write_detections(args.out / "detections.json", found)
+            for line in [*unmatched, *found.skipped]:
+                print(f"skipped: {line}")
+            drawn_note = "" if args.no_draw else f", drawn in {args.out / 'images'}"
+            print(
+                f"{found.images} image(s), {len(found.results)} detection(s) scoring >= "
+                f"{args.score}: {args.out / 'detections.json'}{drawn_note}"
+            )
+        dist.barrier()  # see dist.barrier: every rank done before any tears down
+    finally:
+        dist.shutdown()
+    return 0 if found.images else 2
 
 
 def _print_final(run_dir: Path, task, metrics: dict[str, float]) -> None:

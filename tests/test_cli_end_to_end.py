@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,6 +61,37 @@ def test_instant_train_then_eval_through_the_cli(tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     again = json.loads((tmp_path / "eval2" / "metrics.json").read_text())
     assert again == pytest.approx(final)
+
+    # predict: the checkpoint alone (it keeps the class names) finds what eval found.
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["labels"] == {
+        "names": ["rectangle", "ellipse", "triangle"],
+        "category_ids": [1, 3, 7],
+    }
+    predicted = megdet(
+        "predict", "--weights", run / "checkpoints" / "last.pt", data / "train", "--out",
+        tmp_path / "predicted", "--score", 0.3, "--batch", 8,
+    )  # fmt: skip
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    ids = {
+        im["file_name"]: im["id"]
+        for im in json.loads((data / "annotations" / "instances_train.json").read_text())["images"]
+    }
+    found = json.loads((tmp_path / "predicted" / "detections.json").read_text())
+    assert min(r["score"] for r in found) >= 0.3
+    assert len(list((tmp_path / "predicted" / "images").iterdir())) == 16
+
+    def confident(records, file_of=lambda r: r["image_id"]):
+        return sorted(
+            (file_of(r), r["category_id"], *r["bbox"], r["score"])
+            for r in records
+            if r["score"] >= 0.31
+        )
+
+    ours = confident(found, lambda r: ids[Path(r["file_name"]).name])
+    theirs = confident(results)
+    assert len(ours) == len(theirs) > 0
+    np.testing.assert_allclose(ours, theirs, atol=0.011)
 
     reported = megdet("report", run)
     assert reported.returncode == 0, reported.stderr[-3000:]

@@ -1,23 +1,35 @@
-"""Reading an image file as 8-bit RGB, whatever it holds, for every task."""
+"""Reading image files as 8-bit RGB, whatever they hold, for every task; and finding the image
+files a command is given (``megdet predict``'s inputs)."""
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 from torchvision.transforms.v2 import functional as F
 
 from megdet.errors import DataError, one_line
 
+# What is taken from a folder; a file named on its own is tried whatever its suffix.
+IMAGE_SUFFIXES = frozenset(
+    {".bmp", ".dng", ".gif", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp", ".pfm"}
+)
 
-def read_rgb(path: Path) -> torch.Tensor:
+
+def read_rgb(path: Path, upright: bool = False) -> torch.Tensor:
     """A ``uint8`` tensor (3, H, W); any decoder failure (DecompressionBombError included) is
-    one ``DataError`` line naming the file."""
+    one ``DataError`` line naming the file.
+
+    ``upright`` applies the EXIF orientation, as photo viewers do (prediction on people's
+    photos); training reads the pixels as stored, which is what COCO's boxes refer to."""
     try:
         with PIL.Image.open(path) as file:
-            return F.pil_to_tensor(_to_rgb8(file))
+            image = PIL.ImageOps.exif_transpose(file) if upright else file
+            return F.pil_to_tensor(_to_rgb8(image))
     except Exception as exc:
         raise DataError(f"{path}: cannot read image ({one_line(exc)})") from None
 
@@ -30,3 +42,32 @@ def _to_rgb8(image: PIL.Image.Image) -> PIL.Image.Image:
         top = 65535.0 if "16" in image.mode else max(float(array.max()), 1.0)
         image = PIL.Image.fromarray(np.clip(array / top * 255.0, 0, 255).round().astype(np.uint8))
     return image.convert("RGB")
+
+
+def find_images(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """The files ``inputs`` name: files as they are (an image or not, which reading tells),
+    folders searched recursively for image suffixes, glob patterns (``**`` too) expanded into
+    both; each file once, sorted. Also one line per input that names nothing."""
+    found: dict[Path, None] = {}
+    unmatched = []
+    for item in inputs:
+        if Path(item).exists():  # literally, even with glob characters in its name ("[1].jpg")
+            named = [Path(item)]
+        else:
+            named = [Path(p) for p in sorted(glob.glob(item, recursive=True))]
+        files = [q for p in named for q in (images_in(p) if p.is_dir() else [p])]
+        if not named:
+            unmatched.append(f"{item}: no such file or folder")
+        elif not files:
+            unmatched.append(
+                f"{item}: no image files in it (suffixes: {', '.join(sorted(IMAGE_SUFFIXES))})"
+            )
+        found.update(dict.fromkeys(files))
+    return sorted(found), unmatched
+
+
+def images_in(folder: Path) -> list[Path]:
+    """The image files under ``folder``, recursively, by suffix, sorted."""
+    return sorted(
+        p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )

@@ -67,5 +67,10 @@ class Task(Protocol):
         """Metrics on the validation split, the same on every rank; files to ``out_dir``
         (rank 0 only)."""
 
+    def labels(self) -> dict[str, list]:
+        """What a checkpoint keeps so that it alone serves on new inputs (``megdet
+        predict``): the class ``names`` in label order, and whatever else maps a label back to
+        the dataset (detection: its ``category_ids``). Plain lists, as ``weights_only`` loads."""
+
     def format_metrics(self, metrics: dict[str, float]) -> str:
         """The metrics as a few lines for the terminal."""

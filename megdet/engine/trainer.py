@@ -69,6 +69,7 @@ def train(
     if ctx.is_main:
         log.info("plan: %s", plan.summary())
 
+    about = _about(cfg, plan, task) if ctx.is_main else {}
     norm = training_norm(cfg.model.norm, plan.bn_groups, ctx.world_size)
     # A resumed run loads its checkpoint, a fresh one the pretrained backbone (rank 0 only: the
     # others receive the weights); the same initial weights on every rank either way.
@@ -173,19 +174,19 @@ def train(
                 break
             if health[2].item() > 0:  # the all-reduce finished in _stop_if_diverged
                 dist.average_buffers(model)
-                _save(run_dir, model, optimizer, amp, stats, done, cfg, plan, ctx)
+                _save(run_dir, model, optimizer, amp, stats, done, about, plan, ctx)
                 events.close()
                 name = stop.signal_name or "a stop signal to another process"
                 raise StopRequested(done, plan.max_iter, name, run_dir / "checkpoints" / LAST)
             if cfg.train.checkpoint_period and done % cfg.train.checkpoint_period == 0:
                 dist.average_buffers(model)
-                _save(run_dir, model, optimizer, amp, stats, done, cfg, plan, ctx)
+                _save(run_dir, model, optimizer, amp, stats, done, about, plan, ctx)
             if eval_every and done % eval_every == 0:
                 dist.average_buffers(model)
                 _evaluate(task, model, ctx, run_dir, done, plan, events, announce=True)
 
     dist.average_buffers(model)
-    _save(run_dir, model, optimizer, amp, stats, plan.max_iter, cfg, plan, ctx)
+    _save(run_dir, model, optimizer, amp, stats, plan.max_iter, about, plan, ctx)
     metrics = _evaluate(task, model, ctx, run_dir, plan.max_iter, plan, events, announce=False)
     events.close()
     return TrainResult(model, plan, metrics)
@@ -299,7 +300,14 @@ def _evaluate(task, model, ctx, run_dir, iteration, plan: Plan, events, announce
     return metrics
 
 
-def _save(run_dir, model, optimizer, amp, statistics, iteration, cfg, plan: Plan, ctx) -> None:
+def _about(cfg: Config, plan: Plan, task: Task) -> dict:
+    """The run's config and plan, and the task's labels (class names), so that a checkpoint
+    alone is enough to evaluate or predict."""
+    return {"config": config_to_dict(cfg), "plan": plan.to_dict(), "labels": task.labels()}
+
+
+def _save(run_dir, model, optimizer, amp, statistics, iteration, about, plan: Plan, ctx) -> None:
+    """``about``: what every checkpoint of the run repeats (``_about``)."""
     noise, module_lr = statistics
     noise_state = noise.state_dict() if noise else {}  # on every rank: its all-reduce
     if not ctx.is_main:
@@ -314,7 +322,6 @@ def _save(run_dir, model, optimizer, amp, statistics, iteration, cfg, plan: Plan
         "epoch": iteration // plan.iters_per_epoch,
         "position_in_epoch": iteration % plan.iters_per_epoch,  # global batches done
         "rng": {"torch": torch.get_rng_state()},
-        "config": config_to_dict(cfg),
-        "plan": plan.to_dict(),
+        **about,
     }
     save_checkpoint(run_dir / "checkpoints" / "last.pt", state)

@@ -124,6 +124,10 @@ class ClassificationTask:
             num_workers=self.cfg.data.num_workers,
         )
 
+    def labels(self) -> dict[str, list]:
+        """Label k is the class folder ``names[k]``."""
+        return {"names": list(self.train_index.classes)}
+
     format_metrics = staticmethod(format_metrics)
 
     def estimate_memory(self) -> MemoryEstimate:

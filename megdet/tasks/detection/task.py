@@ -194,6 +194,11 @@ class DetectionTask:
             num_workers=self.cfg.data.num_workers,
         )
 
+    def labels(self) -> dict[str, list]:
+        """Label k is category ``category_ids[k - 1]``, named ``names[k - 1]``."""
+        index = self.train_index
+        return {"names": list(index.category_names), "category_ids": list(index.category_ids)}
+
     format_metrics = staticmethod(format_metrics)
 
 

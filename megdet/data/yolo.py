@@ -1,0 +1,104 @@
+"""YOLO (Ultralytics) labels to COCO: ``megdet data convert --from yolo``.
+
+The layout: an image folder, and beside it a label folder with one ``.txt`` per image at the
+same relative path; each line ``class cx cy w h``, normalized to the image, or ``class x1 y1
+x2 y2 ...`` (a polygon, whose bounding box is taken, as Ultralytics does for detection). The
+class names are the ``names`` of the dataset YAML (a list, or a dict from class to name).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import yaml
+
+from megdet.data.convert import Conversion, categories_from, category_ids
+from megdet.data.images import images_in
+from megdet.errors import DataError, one_line
+
+
+def read_names(path: Path) -> list[str]:
+    """Class names from a dataset YAML's ``names``, in class order."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise DataError(f"{path}: not valid YAML ({one_line(exc)})") from None
+    names = data.get("names") if isinstance(data, dict) else None
+    if isinstance(names, dict):
+        if sorted(names) != list(range(len(names))):
+            raise DataError(f"{path}: names: the keys must be the classes 0..{len(names) - 1}")
+        names = [names[i] for i in range(len(names))]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{path}: needs 'names', a list of class names or a dict class -> name")
+    return names
+
+
+def convert_yolo(
+    images: Path, labels: Path, names: list[str], ids_spec: str | None = None
+) -> Conversion:
+    """Every image under ``images`` (recursively, sorted), with its label file if it has one;
+    label files without an image are noted, not converted."""
+    for folder, option in ((images, "--images"), (labels, "--labels")):
+        if not Path(folder).is_dir():
+            raise DataError(f"{option} {folder}: not a folder")
+    ids = category_ids(ids_spec, len(names))
+    conversion = Conversion(f"YOLO labels in {labels}", categories_from(names, ids))
+    image_files = images_in(images)
+    used = set()
+    for path in image_files:
+        relative = path.relative_to(images)
+        label_file = Path(labels) / relative.with_suffix(".txt")
+        used.add(label_file)
+        image = conversion.add_image(path, relative.as_posix())
+        if image is None or not label_file.is_file():
+            continue
+        try:
+            lines = label_file.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            conversion.errors.append(f"{label_file}: cannot read ({one_line(exc)})")
+            continue
+        for number, line in enumerate(lines, 1):
+            if line.strip():
+                _add_line(conversion, image, line, f"{label_file}:{number}", ids)
+    orphans = sorted(p for p in Path(labels).rglob("*.txt") if p not in used)
+    for orphan in orphans:
+        conversion.notes.append(f"{orphan}: no image for this label file (not converted)")
+    return conversion
+
+
+def _add_line(conversion: Conversion, image: dict, line: str, where: str, ids: list[int]):
+    fields = line.split()
+    try:
+        values = [float(v) for v in fields]
+    except ValueError:
+        conversion.errors.append(f"{where}: not numbers: {line.strip()!r:.60}")
+        return
+    if len(values) != 5 and (len(values) < 7 or len(values) % 2 == 0):
+        conversion.errors.append(
+            f"{where}: expected 'class cx cy w h' or 'class x1 y1 x2 y2 x3 y3 ...', "
+            f"got {len(values)} numbers"
+        )
+        return
+    cls = values[0]
+    if not cls.is_integer() or not 0 <= cls < len(ids):
+        conversion.errors.append(f"{where}: class {fields[0]} is not one of 0..{len(ids) - 1}")
+        return
+    coords = values[1:]
+    if not all(math.isfinite(v) for v in coords):
+        conversion.errors.append(f"{where}: coordinates must be finite numbers")
+        return
+    if len(coords) == 4:
+        cx, cy, w, h = coords
+        if w < 0 or h < 0:
+            conversion.errors.append(f"{where}: negative width or height ({w}, {h})")
+            return
+        box = [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
+    else:  # a polygon: its bounding box
+        xs, ys = coords[0::2], coords[1::2]
+        box = [min(xs), min(ys), max(xs), max(ys)]
+    width, height = image["width"], image["height"]
+    pixels = [box[0] * width, box[1] * height, box[2] * width, box[3] * height]
+    conversion.add_box(image, ids[int(cls)], pixels, where)
