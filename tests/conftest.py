@@ -1,4 +1,5 @@
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -52,3 +53,17 @@ def instant_overrides(root: Path, val_split: str = "train") -> list[str]:
         f"data.val.json={root}/annotations/instances_{val_split}.json",
         f"data.val.images={root}/{val_split}",
     ]
+
+
+@pytest.fixture
+def cli(capsys):
+    """``megdet ARGS`` in this process (no torch import per call, unlike a subprocess): its
+    exit code and what it printed, as ``subprocess.run`` reports them."""
+    from megdet.cli import main
+
+    def run(*args):
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+    return run

@@ -2,29 +2,15 @@
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import PIL.Image
 import pytest
 
-from megdet.cli import main
 from megdet.data.convert import COCO_CATEGORY_IDS, category_ids
 from megdet.data.voc import VOC_CLASSES
 from megdet.data.yolo import read_names
 from megdet.errors import DataError
-
-
-@pytest.fixture
-def megdet(capsys):
-    """The command in this process (no torch import per call): its exit code and output."""
-
-    def run(*args):
-        code = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
-
-    return run
 
 
 def boxes_by_file(coco: dict) -> dict[str, np.ndarray]:
@@ -47,9 +33,9 @@ def farthest_match(a: np.ndarray, b: np.ndarray) -> float:
     return max(distance.min(1).max(), distance.min(0).max())
 
 
-def test_coco128_yolo_labels_convert_to_its_official_coco_json(coco128, tmp_path, megdet):
+def test_coco128_yolo_labels_convert_to_its_official_coco_json(coco128, tmp_path, cli):
     out = tmp_path / "coco128.json"
-    converted = megdet(
+    converted = cli(
         "data", "convert", "--from", "yolo", "--images", coco128 / "images",
         "--labels", coco128 / "labels", "--names", coco128 / "config.yaml",
         "--category-ids", "coco", "--out", out,
@@ -74,7 +60,7 @@ def test_coco128_yolo_labels_convert_to_its_official_coco_json(coco128, tmp_path
     for name in b:
         assert len(a[name]) == len(b[name]), name
         assert farthest_match(a[name], b[name]) < 1e-3, name
-    checked = megdet("data", "check", "--json", out, "--images", coco128 / "images")
+    checked = cli("data", "check", "--json", out, "--images", coco128 / "images")
     assert checked.returncode == 0, checked.stdout
 
 
@@ -94,10 +80,10 @@ def write_yolo(root: Path) -> tuple[Path, Path, Path]:
     return images, labels, names
 
 
-def test_yolo_boxes_polygons_clipping_and_what_is_reported(tmp_path, megdet):
+def test_yolo_boxes_polygons_clipping_and_what_is_reported(tmp_path, cli):
     images, labels, names = write_yolo(tmp_path)
     out = tmp_path / "out.json"
-    converted = megdet(
+    converted = cli(
         "data", "convert", "--from", "yolo", "--images", images, "--labels", labels,
         "--names", names, "--category-ids", "3,7", "--out", out,
     )  # fmt: skip
@@ -127,17 +113,17 @@ def test_yolo_boxes_polygons_clipping_and_what_is_reported(tmp_path, megdet):
     assert "3 images (1 without boxes, kept), 3 boxes in 2 categories, 1 box(es) clipped" in (
         converted.stdout
     )
-    assert megdet("data", "check", "--json", out, "--images", images).returncode == 0
+    assert cli("data", "check", "--json", out, "--images", images).returncode == 0
 
 
-def test_every_problem_is_listed_at_once_and_nothing_is_written(tmp_path, megdet):
+def test_every_problem_is_listed_at_once_and_nothing_is_written(tmp_path, cli):
     images, labels, names = write_yolo(tmp_path)
     (labels / "a.txt").write_text("0 0.5 0.5 0.5\n2 0.5 0.5 0.1 0.1\nx 0.5 0.5 0.1 0.1\n")
     (labels / "c.txt").write_text("1.5 0.5 0.5 0.1 0.1\n0 nan 0.5 0.1 0.1\n")
     (images / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "out.json"
     out.write_text("previous")
-    converted = megdet(
+    converted = cli(
         "data", "convert", "--from", "yolo", "--images", images, "--labels", labels,
         "--names", names, "--out", out, "--overwrite",
     )  # fmt: skip
@@ -150,15 +136,15 @@ def test_every_problem_is_listed_at_once_and_nothing_is_written(tmp_path, megdet
     assert out.read_text() == "previous"
 
 
-def test_an_existing_output_is_kept_without_overwrite(tmp_path, megdet):
+def test_an_existing_output_is_kept_without_overwrite(tmp_path, cli):
     images, labels, names = write_yolo(tmp_path)
     out = tmp_path / "out.json"
     out.write_text("previous")
     args = ["--images", images, "--labels", labels, "--names", names, "--out", out]
-    refused = megdet("data", "convert", "--from", "yolo", *args)
+    refused = cli("data", "convert", "--from", "yolo", *args)
     assert refused.returncode == 2 and "--overwrite" in refused.stderr
     assert out.read_text() == "previous"
-    missing = megdet("data", "convert", "--from", "yolo", "--out", out)
+    missing = cli("data", "convert", "--from", "yolo", "--out", out)
     assert missing.returncode == 2
     assert missing.stderr.strip().endswith("needs --images, --labels, --names")
 
@@ -202,7 +188,7 @@ def write_voc(root: Path, images: dict[str, list[tuple]], said_width: int = 50) 
     (root / "ImageSets" / "Main" / "trainval.txt").write_text("\n".join(images) + "\n")
 
 
-def test_voc_boxes_difficult_and_sizes(tmp_path, megdet):
+def test_voc_boxes_difficult_and_sizes(tmp_path, cli):
     root = tmp_path / "VOC2007"
     write_voc(
         root,
@@ -214,7 +200,7 @@ def test_voc_boxes_difficult_and_sizes(tmp_path, megdet):
         said_width=48,
     )
     out = tmp_path / "voc.json"
-    converted = megdet("data", "convert", "--from", "voc", "--root", root, "--out", out)
+    converted = cli("data", "convert", "--from", "voc", "--root", root, "--out", out)
     assert converted.returncode == 0, converted.stdout + converted.stderr
     coco = json.loads(out.read_text())
     assert [c["name"] for c in coco["categories"]] == list(VOC_CLASSES)
@@ -229,15 +215,15 @@ def test_voc_boxes_difficult_and_sizes(tmp_path, megdet):
     ]
     assert "1 box(es) marked difficult written as iscrowd=1" in converted.stdout
     assert "says 48x30 but the image is 50x30" in converted.stdout
-    assert megdet("data", "check", "--json", out, "--images", root / "JPEGImages").returncode == 0
+    assert cli("data", "check", "--json", out, "--images", root / "JPEGImages").returncode == 0
 
 
-def test_voc_problems_at_once(tmp_path, megdet):
+def test_voc_problems_at_once(tmp_path, cli):
     root = tmp_path / "VOC2007"
     write_voc(root, {"000001": [("unicorn", 0, (1, 1, 10, 20)), ("dog", 0, ("a", 1, 2, 3))]})
     (root / "ImageSets" / "Main" / "trainval.txt").write_text("000001\n000009\n")
     out = tmp_path / "voc.json"
-    converted = megdet("data", "convert", "--from", "voc", "--root", root, "--out", out)
+    converted = cli("data", "convert", "--from", "voc", "--root", root, "--out", out)
     assert converted.returncode == 2
     errors = [line for line in converted.stdout.splitlines() if line.startswith("error: ")]
     assert len(errors) == 3, converted.stdout
@@ -245,11 +231,11 @@ def test_voc_problems_at_once(tmp_path, megdet):
     assert any("bndbox needs numbers" in e for e in errors)
     assert any("000009.xml: not found" in e for e in errors)
     assert not out.exists()
-    no_split = megdet("data", "convert", "--from", "voc", "--root", tmp_path, "--out", out)
+    no_split = cli("data", "convert", "--from", "voc", "--root", tmp_path, "--out", out)
     assert no_split.returncode == 2 and "ImageSets/Main/trainval.txt: not found" in no_split.stderr
 
 
-def test_shapes_round_trip_through_yolo_labels_and_train(tiny_shapes, tmp_path, megdet):
+def test_shapes_round_trip_through_yolo_labels_and_train(tiny_shapes, tmp_path, cli):
     """COCO -> YOLO labels (written here, as Ultralytics would) -> ``convert`` gives the same
     boxes, and the converted file trains (without coco128, which CI may not have)."""
     original = json.loads((tiny_shapes / "annotations" / "instances_train.json").read_text())
@@ -270,7 +256,7 @@ def test_shapes_round_trip_through_yolo_labels_and_train(tiny_shapes, tmp_path, 
     sorted_names = [c["name"] for c in sorted(original["categories"], key=lambda c: c["id"])]
     names.write_text(json.dumps({"names": sorted_names}))  # JSON is YAML
     out = tmp_path / "converted.json"
-    converted = megdet(
+    converted = cli(
         "data", "convert", "--from", "yolo", "--images", tiny_shapes / "train", "--labels",
         labels, "--names", names, "--category-ids", ",".join(map(str, cids)), "--out", out,
     )  # fmt: skip
@@ -281,7 +267,7 @@ def test_shapes_round_trip_through_yolo_labels_and_train(tiny_shapes, tmp_path, 
         assert len(ours[name]) == len(theirs[name])
         assert farthest_match(ours[name], theirs[name]) < 1e-4, name
     run = tmp_path / "run"
-    trained = megdet(
+    trained = cli(
         "train", "--config", "instant_test", f"data.train.json={out}",
         f"data.train.images={tiny_shapes / 'train'}", f"data.val.json={out}",
         f"data.val.images={tiny_shapes / 'train'}", "train.max_iter=2", "--out", run,

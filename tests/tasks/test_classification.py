@@ -194,6 +194,8 @@ def test_train_eval_plan_report_through_the_cli(tmp_path):
     assert [r["epoch"] for r in records if "eval" in r] == [1.0, 2.0]  # per epoch, like mmAP
     assert all("train_top1_err" in r and "gns" in r for r in records if "loss" in r)
     final = records[-1]["eval"]
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["labels"] == {"names": sorted(p.name for p in (root / "train").iterdir())}
     evaluated = megdet("eval", "--run", run, "--out", tmp_path / "again")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())

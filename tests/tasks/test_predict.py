@@ -4,14 +4,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 
-from megdet.cli import main
 from megdet.config import config_to_dict, load_config
 from megdet.data.images import find_images, read_rgb
 from megdet.tasks.detection.predict import (
@@ -55,16 +53,6 @@ def photos(tmp_path_factory) -> Path:
     (root / "notes.txt").write_text("not an image")
     (root / "fake.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     return root
-
-
-@pytest.fixture
-def megdet(capsys):
-    def run(*args):
-        code = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
-
-    return run
 
 
 def test_inputs_are_files_folders_and_globs(photos, tmp_path):
@@ -112,9 +100,9 @@ def test_small_images_are_drawn_enlarged_with_a_color_per_class():
     assert class_color(1) != class_color(2)
 
 
-def test_predict_writes_detections_and_drawings(checkpoint, photos, tmp_path, megdet):
+def test_predict_writes_detections_and_drawings(checkpoint, photos, tmp_path, cli):
     out = tmp_path / "out"
-    done = megdet("predict", "--weights", checkpoint, photos, "--out", out, "--score", "0.0")
+    done = cli("predict", "--weights", checkpoint, photos, "--out", out, "--score", "0.0")
     assert done.returncode == 0, done.stderr
     skipped = [line for line in done.stdout.splitlines() if line.startswith("skipped:")]
     assert len(skipped) == 1 and "fake.jpg: cannot read image" in skipped[0]
@@ -146,10 +134,10 @@ def test_predict_writes_detections_and_drawings(checkpoint, photos, tmp_path, me
     )
 
 
-def test_predict_over_two_processes_gives_the_same_detections(checkpoint, photos, tmp_path):
+def test_predict_over_two_processes_gives_the_same_detections(checkpoint, photos, tmp_path, cli):
     single = tmp_path / "one"
-    assert main(["predict", "--weights", str(checkpoint), str(photos), "--out", str(single),
-                 "--score", "0.0", "--no-draw", "--batch", "2"]) == 0  # fmt: skip
+    args = ["--score", "0.0", "--no-draw", "--batch", "2"]
+    assert cli("predict", "--weights", checkpoint, photos, "--out", single, *args).returncode == 0
     double = tmp_path / "two"
     proc = subprocess.run(
         [sys.executable, "-m", "megdet", "predict", "--weights", checkpoint, photos, "--out",
@@ -169,7 +157,7 @@ def test_predict_over_two_processes_gives_the_same_detections(checkpoint, photos
     assert len(list((double / "images").rglob("*.jpg"))) == 4
 
 
-def test_bad_inputs_are_one_line(checkpoint, photos, tmp_path, megdet):
+def test_bad_inputs_are_one_line(checkpoint, photos, tmp_path, cli):
     empty = tmp_path / "empty"
     empty.mkdir()
     state = torch.load(checkpoint, weights_only=True)
@@ -185,22 +173,22 @@ def test_bad_inputs_are_one_line(checkpoint, photos, tmp_path, megdet):
         (other, photos, "weights do not fit this model"),
         (classifier, photos, "is a classification model"),
     ]:
-        done = megdet("predict", "--weights", weights, inputs, "--out", tmp_path / "o")
+        done = cli("predict", "--weights", weights, inputs, "--out", tmp_path / "o")
         assert done.returncode == 2 and message in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not (tmp_path / "o").exists()
 
 
 def test_a_checkpoint_without_names_falls_back_to_its_training_json(
-    checkpoint, photos, tmp_path, megdet
+    checkpoint, photos, tmp_path, cli
 ):
     state = torch.load(checkpoint, weights_only=True)
     old = tmp_path / "old.pt"
     torch.save({k: v for k, v in state.items() if k != "labels"}, old)
     args = ["predict", "--weights", old, photos / "a.png", "--score", "0"]
-    assert megdet(*args, "--out", tmp_path / "a").returncode == 0
+    assert cli(*args, "--out", tmp_path / "a").returncode == 0
     records = json.loads((tmp_path / "a" / "detections.json").read_text())
     assert {r["category_name"] for r in records} <= set(state["labels"]["names"])
-    gone = megdet(*args, "--out", tmp_path / "b", "data.train.json=/nowhere.json")
+    gone = cli(*args, "--out", tmp_path / "b", "data.train.json=/nowhere.json")
     assert gone.returncode == 2
     assert "keeps no class names" in gone.stderr and "/nowhere.json" in gone.stderr
