@@ -5,6 +5,9 @@ the base batch), the same 10 epochs. Goyal: flat from 256 to 8k (23.6-23.7), the
 
     python experiments/goyal_batch.py [--rows b64,b2048] [--seeds 0]
 
+Row ``b1024-40ep`` trains batch 1,024 for 40 epochs (lr x0.1 at 20, 32): as many steps as
+batch 256 makes in 10.
+
 Otherwise ``goyal_lr.py``'s setting.
 """
 
@@ -17,6 +20,11 @@ WARMUP = ["solver.warmup=linear", "solver.warmup_epochs=2"]
 ROWS = [Row(f"b{BASE}", [f"train.batch_size={BASE}"])] + [
     Row(f"b{b}", [f"train.batch_size={b}", *WARMUP]) for b in (128, 256, 512, 1024, 2048)
 ]
+# Does the large batch catch up given the steps? Batch 1,024 for 4x the epochs (400 steps, as
+# batch 256 makes in 10), the lr steps at the same fractions of the run.
+ROWS.append(
+    Row("b1024-40ep", ["train.batch_size=1024", *WARMUP, "train.epochs=40", "solver.steps=[20,32]"])
+)
 
 if __name__ == "__main__":
     main(

@@ -507,6 +507,8 @@ def _checkpoint(args, command: str):
 
 
 def _cmd_predict(args) -> int:
+    import torch
+
     from megdet.data.images import find_images
     from megdet.engine.run_dir import folder_problem
     from megdet.tasks.detection import predict
@@ -515,8 +517,6 @@ def _cmd_predict(args) -> int:
         raise MegdetError(problem)
     if args.batch < 1 or not 0 <= args.score <= 1:
         raise MegdetError("predict: --batch must be >= 1 and --score in [0, 1]")
-    import torch
-
     if args.device == "cuda" and not torch.cuda.is_available():
         raise MegdetError("predict --device cuda: torch sees no CUDA device here; use --device cpu")
     files, unmatched = find_images(args.inputs)
