@@ -57,7 +57,7 @@ bench-roi: $(STAMP) $(SHAPES)
 	$(PY) bench/roi_batch_tradeoff.py --values 32,64,128,256,512 --record
 
 # Issue 13's large-batch studies, each run a plain `megdet train` (README: "Does large batch work?").
-# Every study, at the seeds of the committed tables: about 7.5 hours on 2 cores. A stopped study
+# Every study, at the seeds of the committed tables: about 9 hours on 2 cores. A stopped study
 # continues where it stopped (finished runs are kept in experiments/runs/).
 reproduce: $(STAMP)
 	$(PY) experiments/table3_cgbn.py --seeds 0,1,2
@@ -68,9 +68,11 @@ reproduce: $(STAMP)
 	$(PY) experiments/agvm.py --seeds 0 --rows b512-sgd,b512-agvm0,b512-lr0.64-sgd,b512-lr0.64-agvm
 	$(PY) experiments/agvm.py --seeds 0,1 --rows b256-sgd,b256-agvm
 	$(PY) experiments/agvm.py --seeds 0,1 --table-only
-	$(PY) experiments/goyal_lr.py --seeds 0
+	$(PY) experiments/goyal_lr.py --seeds 0,1
+	$(PY) experiments/goyal_warmup.py --seeds 0,1
+	$(PY) experiments/goyal_batch.py --seeds 0
 
-# One row of each study on a quarter of its data, to experiments/results/quick/: about 13 minutes.
+# One row of each study on a quarter of its data, to experiments/results/quick/: about 16 minutes.
 reproduce-quick: $(STAMP)
 	$(PY) experiments/table3_cgbn.py --quick --rows b256
 	$(PY) experiments/table2_no_bn.py --quick --rows b128
@@ -79,6 +81,8 @@ reproduce-quick: $(STAMP)
 	$(PY) experiments/recipe_search.py --quick --rows b128-warmup3-clip1
 	$(PY) experiments/agvm.py --quick --rows b256-agvm
 	$(PY) experiments/goyal_lr.py --quick --rows b1024-k
+	$(PY) experiments/goyal_warmup.py --quick --rows none
+	$(PY) experiments/goyal_batch.py --quick --rows b256
 
 # What bench/device_suite.sh carries to the GPU machine (python 3.12, no registry there).
 device-wheels:
