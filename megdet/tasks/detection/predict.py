@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import colorsys
 import json
-import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -28,8 +27,6 @@ from megdet.data.images import read_rgb
 from megdet.engine.checkpoint import load_model_state
 from megdet.errors import DataError, MegdetError
 from megdet.tasks.detection.model import build_detector
-
-log = logging.getLogger(__name__)
 
 DRAWN_MIN_SIDE = 512  # smaller images are enlarged (by a whole factor) so labels stay legible
 
