@@ -306,10 +306,10 @@ def _cmd_data_check(args) -> int:
 
 
 def _cmd_data_convert(args) -> int:
-    from megdet.data.convert import ConversionFailed, write_conversion
+    from megdet.data.convert import ConversionFailed, read_names, write_conversion
 
     if args.source == "yolo":
-        from megdet.data.yolo import convert_yolo, read_names
+        from megdet.data.yolo import convert_yolo
 
         missing = [f"--{k}" for k in ("images", "labels", "names") if getattr(args, k) is None]
         if missing:
@@ -318,7 +318,6 @@ def _cmd_data_convert(args) -> int:
         conversion = convert_yolo(args.images, args.labels, names, args.category_ids)
     else:
         from megdet.data.voc import convert_voc
-        from megdet.data.yolo import read_names
 
         if args.root is None:
             raise MegdetError("data convert --from voc: needs --root (VOCdevkit/VOC2007)")

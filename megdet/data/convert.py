@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import PIL.Image
+import yaml
 
 from megdet.atomic import atomic_write_text
 from megdet.data.check import MIN_SIDE, CheckReport, check_structure
@@ -101,6 +102,24 @@ class Conversion:
             return None
         first = ", ".join(self.dropped[:3]) + (", ..." if len(self.dropped) > 3 else "")
         return f"dropped {len(self.dropped)} box(es) without area inside their image: {first}"
+
+
+def read_names(path: Path) -> list[str]:
+    """Class names from a dataset YAML's ``names``, in class order."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise DataError(f"{path}: not valid YAML ({one_line(exc)})") from None
+    names = data.get("names") if isinstance(data, dict) else None
+    if isinstance(names, dict):
+        if sorted(names) != list(range(len(names))):
+            raise DataError(f"{path}: names: the keys must be the classes 0..{len(names) - 1}")
+        names = [names[i] for i in range(len(names))]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{path}: needs 'names', a list of class names or a dict class -> name")
+    return names
 
 
 def categories_from(names: list[str], ids: list[int]) -> list[dict]:

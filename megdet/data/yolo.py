@@ -11,29 +11,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import yaml
-
 from megdet.data.convert import Conversion, categories_from, category_ids
 from megdet.data.images import images_in
 from megdet.errors import DataError, one_line
-
-
-def read_names(path: Path) -> list[str]:
-    """Class names from a dataset YAML's ``names``, in class order."""
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise DataError(f"{path}: not valid YAML ({one_line(exc)})") from None
-    names = data.get("names") if isinstance(data, dict) else None
-    if isinstance(names, dict):
-        if sorted(names) != list(range(len(names))):
-            raise DataError(f"{path}: names: the keys must be the classes 0..{len(names) - 1}")
-        names = [names[i] for i in range(len(names))]
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise DataError(f"{path}: needs 'names', a list of class names or a dict class -> name")
-    return names
 
 
 def convert_yolo(

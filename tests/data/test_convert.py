@@ -7,9 +7,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from megdet.data.convert import COCO_CATEGORY_IDS, category_ids
+from megdet.data.convert import COCO_CATEGORY_IDS, category_ids, read_names
 from megdet.data.voc import VOC_CLASSES
-from megdet.data.yolo import read_names
 from megdet.errors import DataError
 
 
