@@ -31,8 +31,10 @@ demo-classify: $(STAMP) $(PATTERNS)
 	$(PY) -m megdet train --config classify_demo --nproc 2 --out runs/classify_demo --overwrite
 	$(PY) -m megdet report runs/classify_demo
 
+# Two test processes (pytest-xdist), one per core: most tests wait on process start-ups and
+# gloo, so two at a time take ~0.7x the time of one (BENCHMARKS.md, "The test suite").
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -34,11 +34,13 @@ R50 = ["model.backbone_weights=none", "model.norm=bn", "model.frozen_stages=0",
 def _sizes(dry: bool) -> dict:
     if dry:  # the tiny backbone: every code path in seconds (fp16 on a CPU is very slow)
         return {"height": 64, "width": 96, "images": (2,), "iters": 4, "warmup": 2,
-                "amp": ("bf16",), "processes": (1, 2), "demo_size": 64,
+                "amp": ("bf16",), "processes": (1, 2), "demo_size": 64, "launch": False,
+                "threads": 1,
                 "model": ["model.backbone=tiny", "model.frozen_stages=0",
                           "data.num_workers=0"]}  # fmt: skip
     return {"height": 800, "width": 1333, "images": (2, 8), "iters": 12, "warmup": 4,
-            "amp": ("none", "fp16"), "processes": (1, 2, 4, 8), "demo_size": 128,
+            "amp": ("none", "fp16"), "processes": (1, 2, 4, 8), "demo_size": 128, "launch": True,
+            "threads": os.cpu_count(),
             "model": []}  # fmt: skip
 
 
@@ -66,9 +68,9 @@ def throughput(folder: Path, sizes: dict) -> tuple[str, str]:
             overrides = [*_r50(sizes), f"train.batch_size={images}", f"train.amp={amp}"]
             result = {}
             for loop in ("reference", "megdet"):
-                result[loop] = _run(loop, 1, os.cpu_count(), data, sizes["iters"],
+                result[loop] = _run(loop, 1, sizes["threads"], data, sizes["iters"],
                                     sizes["warmup"], f"{images}{amp}", "coco_r50_fpn",
-                                    overrides, full=True)  # fmt: skip
+                                    overrides, full=True, launch=sizes["launch"])  # fmt: skip
             ref, ours = result["reference"]["images_per_s"], result["megdet"]["images_per_s"]
             rows.append([
                 images, amp, f"{images / ref:.3f}", f"{images / ours:.3f}", f"{ref:.2f}",
@@ -94,8 +96,9 @@ def memory(folder: Path, sizes: dict) -> tuple[str, str]:
     rows = []
     for mode in ("none", "stages"):
         overrides = [*_r50(sizes), f"train.batch_size={images}", f"train.checkpointing={mode}"]
-        result = _run("megdet", 1, os.cpu_count(), data, sizes["iters"], sizes["warmup"],
-                      f"mem-{mode}", "coco_r50_fpn", overrides, full=True)  # fmt: skip
+        result = _run("megdet", 1, sizes["threads"], data, sizes["iters"], sizes["warmup"],
+                      f"mem-{mode}", "coco_r50_fpn", overrides, full=True,
+                      launch=sizes["launch"])  # fmt: skip
         rows.append([mode, images, f"{images / result['images_per_s']:.3f}", _gb(result)])
         print(rows[-1], flush=True)
     header = ["train.checkpointing", "images/GPU", "s/iter", "peak GB"]

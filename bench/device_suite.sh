@@ -3,7 +3,7 @@
 # python3 has a CUDA torch and which reaches no package registry:
 #
 #     bash bench/device_suite.sh            # on the GPU machine, about 7 minutes
-#     bash bench/device_suite.sh --dry-run  # here, on any CPU: every step at toy sizes
+#     bash bench/device_suite.sh --dry-run  # here, on any CPU: every step at toy sizes (~40 s)
 #
 # The wheels megdet needs beyond that machine's packages (pycocotools, faster-coco-eval) are
 # fetched here by `make device-wheels` into .whl/ and carried along. Each step prints its
@@ -19,9 +19,11 @@ if [[ "${1:-}" == "--dry-run" ]]; then
 fi
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-failures=0
+LOGS=$(mktemp -d)
+trap 'rm -rf "$LOGS"' EXIT
+steps=0
 
-step() {
+run_step() {
     local name=$1
     shift
     echo "## $name: $*"
@@ -30,7 +32,19 @@ step() {
         echo "## $name: done in $((SECONDS - begin)) s"
     else
         echo "## $name: FAILED (exit $?) after $((SECONDS - begin)) s"
-        failures=$((failures + 1))
+    fi
+}
+
+# On the GPU machine the steps run one after another (each owns the GPU). The dry run only
+# checks that every step still works: its steps run side by side, each printed whole, in order.
+step() {
+    steps=$((steps + 1))
+    local log
+    log="$LOGS/$(printf %02d $steps)"
+    if [[ -n $DRY ]]; then
+        run_step "$@" >"$log" 2>&1 &
+    else
+        run_step "$@" 2>&1 | tee "$log"
     fi
 }
 
@@ -55,5 +69,10 @@ step "device tests" $PY -m pytest -q -m device --device "$DEVICE" -p no:cachepro
 for part in memory scaling; do
     step "$part" $PY bench/device_figures.py "$part" $DRY
 done
+wait
+if [[ -n $DRY ]]; then
+    cat "$LOGS"/*
+fi
+failures=$(cat "$LOGS"/* | grep -c '^## .*: FAILED (exit')
 echo "## device suite: $failures failed step(s)"
 exit "$failures"

@@ -31,6 +31,7 @@ from megdet.config import (
 )
 from megdet.errors import MegdetError
 from megdet.logs import setup_logging
+from megdet.paths import file_problem, folder_problem
 
 log = logging.getLogger("megdet.cli")
 
@@ -58,13 +59,15 @@ def main(argv: list[str] | None = None) -> int:
             return ended.exit_code
         return args.handler(args)
     except MegdetError as exc:
-        from megdet.launch import report_to_launcher
+        return _report_error(str(exc))
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        # A file the command reads or writes, not a bug: a full disk, a permission, a
+        # folder that went away. Atomic writers already left the previous files whole.
+        from megdet.atomic import write_failure
 
-        line = f"megdet: error: {' '.join(str(exc).split())}"
-        # Under the launcher it prints the line once; under torchrun, rank 0 does.
-        if not report_to_launcher("error", line) and int(os.environ.get("RANK", "0")) == 0:
-            print(line, file=sys.stderr)
-        return 2
+        return _report_error(write_failure(Path(exc.filename), exc, action="use"))
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (inside, it stops cleanly)
         if int(os.environ.get("RANK", "0")) == 0 and not _under_launcher():
             print("megdet: interrupted", file=sys.stderr)
@@ -77,6 +80,17 @@ def main(argv: list[str] | None = None) -> int:
         if _under_launcher() and lost_peer(exc) and report_to_launcher("lost_peer", str(exc)):
             return 1
         raise
+
+
+def _report_error(message: str) -> int:
+    """Print a user's error as one line (exit code 2): under the launcher it prints the line
+    once; under torchrun, rank 0 does."""
+    from megdet.launch import report_to_launcher
+
+    line = f"megdet: error: {' '.join(message.split())}"
+    if not report_to_launcher("error", line) and int(os.environ.get("RANK", "0")) == 0:
+        print(line, file=sys.stderr)
+    return 2
 
 
 def _describe_failure(args, cause: str) -> str:
@@ -163,6 +177,7 @@ def _parser() -> argparse.ArgumentParser:
     shapes.add_argument("--size", type=int, default=128, help="image side (height) in pixels")
     shapes.add_argument("--width", type=int, help="image width in pixels (default: --size)")
     shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--overwrite", action="store_true", help="replace a set already there")
     shapes.set_defaults(handler=_cmd_shapes)
     patterns = data_commands.add_parser(
         "patterns", help="write the synthetic classification set (ImageFolder)"
@@ -173,6 +188,7 @@ def _parser() -> argparse.ArgumentParser:
     patterns.add_argument("--val", type=int, required=True, help="number of validation images")
     patterns.add_argument("--size", type=int, default=32, help="image side in pixels")
     patterns.add_argument("--seed", type=int, default=0)
+    patterns.add_argument("--overwrite", action="store_true", help="replace a set already there")
     patterns.set_defaults(handler=_cmd_patterns)
     check = data_commands.add_parser("check", help="validate a COCO dataset, every problem at once")
     check.add_argument("--json", type=Path, required=True, help="COCO instances file")
@@ -288,6 +304,8 @@ def _cmd_report(args) -> int:
         except ValueError:
             raise MegdetError(f"--epochs: expected epochs like 1,4,7, got {args.epochs}") from None
     out = args.out or args.runs[0] / "report"
+    if problem := folder_problem(out, "--out" if args.out else "report folder"):
+        raise MegdetError(problem)
     for path in write_report(args.runs, out, epochs, args.x):
         print(path)
     return 0
@@ -308,6 +326,8 @@ def _cmd_data_check(args) -> int:
 def _cmd_data_convert(args) -> int:
     from megdet.data.convert import ConversionFailed, read_names, write_conversion
 
+    if problem := file_problem(args.out):
+        raise MegdetError(problem)
     if args.source == "yolo":
         from megdet.data.yolo import convert_yolo
 
@@ -340,9 +360,13 @@ def _cmd_data_convert(args) -> int:
 def _cmd_patterns(args) -> int:
     from megdet.data.patterns import generate_patterns
 
+    if min(args.train, args.val) < 0:
+        raise MegdetError("data patterns: --train/--val must be >= 0")
+    if problem := folder_problem(args.out):
+        raise MegdetError(problem)
     try:
         written = generate_patterns(
-            args.out, args.classes, args.train, args.val, args.size, args.seed
+            args.out, args.classes, args.train, args.val, args.size, args.seed, args.overwrite
         )
     except ValueError as exc:
         raise MegdetError(f"data patterns: {exc}") from None
@@ -356,7 +380,11 @@ def _cmd_shapes(args) -> int:
 
     if min(args.train, args.val) < 0 or min(args.size, args.width or args.size) < 32:
         raise MegdetError("data shapes: --train/--val must be >= 0, --size and --width >= 32")
-    written = generate_shapes(args.out, args.train, args.val, args.size, args.seed, args.width)
+    if problem := folder_problem(args.out):
+        raise MegdetError(problem)
+    written = generate_shapes(
+        args.out, args.train, args.val, args.size, args.seed, args.width, args.overwrite
+    )
     for split, path in written.items():
         print(f"{split}: {path} (images in {args.out / split})")
     return 0
@@ -372,6 +400,9 @@ def _cmd_plan(args) -> int:
     cfg = load_config(args.config, args.overrides)
     validate_initialization(cfg)
     task = build_task(cfg)  # the counts and the memory estimate training uses
+    if cfg.data.train.num_images is None:  # the data is here: check it as training does
+        task.train_dataset()
+        task.check_evaluation()
     memory = None
     if args.memory or cfg.train.images_per_device == "auto":
         memory = task.estimate_memory()
@@ -398,7 +429,7 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from megdet.engine.run_dir import check_run_dir
+    from megdet.engine.run_dir import RunLock, check_run_dir, settle_replacement
     from megdet.engine.stop import STOPPED_EXIT_CODE, StopRequested
     from megdet.engine.trainer import train
     from megdet.launch import report_to_launcher
@@ -415,8 +446,14 @@ def _cmd_train(args) -> int:
     resume = args.resume or restarted
     overwrite = args.overwrite and not restarted
     ctx = dist.init_distributed()
+    lock = RunLock(run_dir)
     try:
-        problem = check_run_dir(run_dir, overwrite, resume) if ctx.is_main else None
+        problem = None
+        if ctx.is_main:  # rank 0 owns the folder for the run's lifetime
+            problem = lock.acquire()
+            if problem is None:
+                settle_replacement(run_dir)  # a replacement killed before its checkpoint
+                problem = check_run_dir(run_dir, overwrite, resume)
         problem = dist.broadcast_object(problem)  # all ranks stop, or none does
         if problem:
             raise MegdetError(problem)
@@ -436,6 +473,7 @@ def _cmd_train(args) -> int:
             _print_final(run_dir, task, result.metrics)
         dist.barrier()  # see dist.barrier: every rank done before any tears down
     finally:
+        lock.release()
         dist.shutdown()
     return 0
 
@@ -461,7 +499,7 @@ def resume_command(run_dir: Path, typed: list[str] | None = None) -> str:
 
 def _cmd_eval(args) -> int:
     from megdet.engine.checkpoint import load_model_state
-    from megdet.engine.run_dir import folder_problem
+    from megdet.engine.run_dir import RunLock
     from megdet.tasks import build_task
 
     if args.out and (problem := folder_problem(args.out)):
@@ -471,8 +509,15 @@ def _cmd_eval(args) -> int:
     if out and not args.out and (problem := folder_problem(out)):  # RUN/eval
         raise MegdetError(problem)
     ctx = dist.init_distributed()
+    # Writing into a run folder: not while a run trains there (it writes RUN/eval too).
+    inside_run = args.run is not None and out is not None and _is_inside(out, args.run)
+    lock = RunLock(args.run) if inside_run else None
     try:
+        problem = lock.acquire("--run") if lock and ctx.is_main else None
+        if problem := dist.broadcast_object(problem):
+            raise MegdetError(problem)
         task = build_task(cfg)
+        task.check_evaluation()
         model = task.build_model(split="val")
         load_model_state(model, state["model"], weights)
         metrics = task.evaluate(model.to(ctx.device), ctx.device, out if ctx.is_main else None)
@@ -482,8 +527,14 @@ def _cmd_eval(args) -> int:
                 print(f"written to {out} (metrics.json)")
         dist.barrier()  # see dist.barrier: every rank done before any tears down
     finally:
+        if lock:
+            lock.release()
         dist.shutdown()
     return 0
+
+
+def _is_inside(path: Path, folder: Path) -> bool:
+    return Path(path).resolve().is_relative_to(Path(folder).resolve())
 
 
 def _checkpoint(args, command: str):
@@ -491,8 +542,12 @@ def _checkpoint(args, command: str):
     checkpoint's own, or ``--config`` where given; key=value overrides on top."""
     from megdet.engine.checkpoint import load_checkpoint
 
+    if args.run and args.weights:
+        raise MegdetError(
+            f"{command}: give --run RUN_DIR (its checkpoints/last.pt) or --weights FILE, not both"
+        )
     if args.run:
-        weights = args.weights or args.run / "checkpoints" / "last.pt"
+        weights = args.run / "checkpoints" / "last.pt"
     elif args.weights:
         weights = args.weights
     else:
@@ -509,7 +564,6 @@ def _cmd_predict(args) -> int:
     import torch
 
     from megdet.data.images import find_images
-    from megdet.engine.run_dir import folder_problem
     from megdet.tasks.detection import predict
 
     if problem := folder_problem(args.out):
@@ -518,7 +572,7 @@ def _cmd_predict(args) -> int:
         raise MegdetError("predict: --batch must be >= 1 and --score in [0, 1]")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise MegdetError("predict --device cuda: torch sees no CUDA device here; use --device cpu")
-    files, unmatched = find_images(args.inputs)
+    files, unmatched = find_images(args.inputs, exclude=args.out)
     if unmatched and not files:
         raise MegdetError(f"predict: no images to predict ({'; '.join(unmatched)})")
     state, weights, cfg = _checkpoint(args, "predict")

@@ -38,6 +38,50 @@ MODULE_LRS = ("none", "agvm")
 TASKS = ("detection", "classification")
 
 
+@dataclass(frozen=True)
+class Interval:
+    """The values a config number may take, as written in its field: ``"[0, 1)"``,
+    ``"(0, inf)"``. One place owns every range, so ``train``, ``plan`` and ``eval`` refuse the
+    same values, and the config reference can print them."""
+
+    low: float
+    high: float
+    low_closed: bool
+    high_closed: bool
+
+    @classmethod
+    def parse(cls, text: str) -> Interval:
+        low, high = (float(part) for part in text[1:-1].split(","))
+        return cls(low, high, text[0] == "[", text[-1] == "]")
+
+    def __contains__(self, value: float) -> bool:
+        above = value >= self.low if self.low_closed else value > self.low
+        below = value <= self.high if self.high_closed else value < self.high
+        return above and below
+
+    def __str__(self) -> str:
+        low, high = _number_text(self.low), _number_text(self.high)
+        if math.isinf(self.high):
+            return f"{'>=' if self.low_closed else '>'} {low}"
+        return (
+            f"in {'[' if self.low_closed else '('}{low}, {high}{']' if self.high_closed else ')'}"
+        )
+
+
+def _number_text(value: float) -> str:
+    """1, 0.25, 4294967295: integers in full, other numbers as %g."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e16 else f"{value:g}"
+
+
+def bounded(default: Any, interval: str):
+    """A config field whose numbers (a list's every item) must lie in ``interval``; a callable
+    ``default`` is a default factory (for lists)."""
+    metadata = {"interval": Interval.parse(interval)}
+    if callable(default):
+        return field(default_factory=default, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class SplitConfig:
     """One COCO split: the annotation file and the folder its ``file_name``s are relative to."""
@@ -46,15 +90,15 @@ class SplitConfig:
     images: str = ""
     # What `megdet plan` uses where the data is not on this machine (train only); when the
     # JSON is there, its own counts are used, as in training.
-    num_images: int | None = None
-    num_classes: int | None = None
+    num_images: int | None = bounded(None, "[1, inf)")
+    num_classes: int | None = bounded(None, "[1, inf)")
 
 
 @dataclass
 class DataConfig:
     train: SplitConfig = field(default_factory=SplitConfig)
     val: SplitConfig = field(default_factory=SplitConfig)
-    num_workers: int = 1
+    num_workers: int = bounded(1, "[0, inf)")
     hflip: bool = True
     strict: bool = False  # boxes without area inside their image: an error instead of dropped
     # Global batches of only landscape or only portrait images (less padding); all ranks agree.
@@ -65,10 +109,14 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "resnet50"
     norm: str = "frozen"
-    bn_size: int | None = None  # cgbn: images per statistics group; null: all processes
+    bn_size: int | None = bounded(
+        None, "[1, inf)"
+    )  # cgbn: images per statistics group; null: all processes
     # Where model.norm applies: the backbone; also the FPN; or also a conv box head ("all").
     norm_scope: str = "backbone"
-    box_head_convs: int = 4  # conv layers of the box head when norm_scope is "all"
+    box_head_convs: int = bounded(
+        4, "[1, inf)"
+    )  # conv layers of the box head when norm_scope is "all"
     # imagenet (torchvision's ImageNet weights for model.backbone, through the torch hub
     # cache), a local torchvision ResNet state_dict file, or none (random initialization on
     # purpose). Unset: random, refused under frozen norm or frozen stages when training
@@ -76,23 +124,23 @@ class ModelConfig:
     backbone_weights: str = ""
     # 1: stem, 2: stem and res2, ... Frozen stages keep their weights and normalize with
     # fixed statistics (FrozenBatchNorm2d), whatever model.norm is (detectron2's FREEZE_AT).
-    frozen_stages: int = 0
-    min_size: int = 800
-    max_size: int = 1333
-    fpn_channels: int = 256
+    frozen_stages: int = bounded(0, "[0, 5]")
+    min_size: int = bounded(800, "[1, inf)")
+    max_size: int = bounded(1333, "[1, inf)")
+    fpn_channels: int = bounded(256, "[1, inf)")
     # Anchor side per FPN level P2..P6; null: min_size/16 doubling per level (see model.py).
-    anchor_sizes: list[int] | None = None
-    rpn_pre_nms_top_n_train: int = 2000
-    rpn_post_nms_top_n_train: int = 2000
-    rpn_pre_nms_top_n_test: int = 1000
-    rpn_post_nms_top_n_test: int = 1000
-    rpn_batch_per_image: int = 256
-    roi_batch_per_image: int = 512
-    roi_positive_fraction: float = 0.25
-    roi_sampling_ratio: int = 2  # RoIAlign samples per bin side (0: adaptive)
-    box_head_dim: int = 1024
-    box_score_thresh: float = 0.05
-    box_detections_per_img: int = 100
+    anchor_sizes: list[int] | None = bounded(None, "[1, inf)")
+    rpn_pre_nms_top_n_train: int = bounded(2000, "[1, inf)")
+    rpn_post_nms_top_n_train: int = bounded(2000, "[1, inf)")
+    rpn_pre_nms_top_n_test: int = bounded(1000, "[1, inf)")
+    rpn_post_nms_top_n_test: int = bounded(1000, "[1, inf)")
+    rpn_batch_per_image: int = bounded(256, "[1, inf)")
+    roi_batch_per_image: int = bounded(512, "[1, inf)")
+    roi_positive_fraction: float = bounded(0.25, "(0, 1]")
+    roi_sampling_ratio: int = bounded(2, "[0, inf)")  # RoIAlign samples per bin side (0: adaptive)
+    box_head_dim: int = bounded(1024, "[1, inf)")
+    box_score_thresh: float = bounded(0.05, "[0, 1]")
+    box_detections_per_img: int = bounded(100, "[1, inf)")
     # Convolutions on NHWC tensors. On this project's AVX2 CPUs it speeds up narrow networks
     # (the demo: 1.08x a step) but slows ResNet-50's convolution backward (0.87x); measure
     # (bench/step_variants.py) before turning it on. On GPUs, NHWC is what tensor cores want.
@@ -101,19 +149,25 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 16  # GLOBAL images per iteration, over all processes
+    batch_size: int = bounded(16, "[1, inf)")  # GLOBAL images per iteration, over all processes
     # Images per process: null (batch_size / processes), a number (batch_size becomes it x
     # processes) or "auto": the most that fit memory_budget_gb, measured (see megdet plan).
-    images_per_device: int | str | None = None
-    memory_budget_gb: float = 16.0  # per process, for images_per_device: auto
-    epochs: float | None = None  # null: the end of solver.policy
-    seed: int = 0
-    checkpoint_period: int = 0  # iterations; 0: only at the end
+    images_per_device: int | str | None = bounded(None, "[1, inf)")
+    memory_budget_gb: float = bounded(16.0, "(0, inf)")  # per process, for images_per_device: auto
+    epochs: float | None = bounded(None, "(0, inf)")  # null: the end of solver.policy
+    seed: int = bounded(0, "[0, 4294967295]")  # numpy's and torch's generators take 32 bits
+    checkpoint_period: int = bounded(0, "[0, inf)")  # iterations; 0: only at the end
     # Activation checkpointing (sub-linear memory): none, stages, blocks, fpn, stages+fpn, ...
     checkpointing: str = "none"
-    max_loss: float | None = None  # stop (divergence) when the mean loss passes it
-    eval_period: int = 1  # epochs between evaluations (per-epoch mmAP curves); 0: at the end
-    max_iter: int | None = None  # cut the run short (smoke tests); the schedule is unchanged
+    max_loss: float | None = bounded(
+        None, "(0, inf)"
+    )  # stop (divergence) when the mean loss passes it
+    eval_period: int = bounded(
+        1, "[0, inf)"
+    )  # epochs between evaluations (per-epoch mmAP curves); 0: at the end
+    max_iter: int | None = bounded(
+        None, "[1, inf)"
+    )  # cut the run short (smoke tests); the schedule is unchanged
     # float64: a numerical reference (world-size invariance tests, chasing a divergence),
     # several times slower; float32 otherwise.
     dtype: str = "float32"
@@ -129,33 +183,39 @@ class TrainConfig:
 class AgvmConfig:
     """AGVM's per-module learning rates (solver.module_lr: agvm); defaults: its paper's."""
 
-    interval: int = 10  # iterations between measurements (one extra collective each)
-    momentum: float = 0.97  # EMA of the multipliers, per measurement
-    start_epochs: float | None = None  # first epoch that measures; null: when warmup ends
+    interval: int = bounded(
+        10, "[1, inf)"
+    )  # iterations between measurements (one extra collective each)
+    momentum: float = bounded(0.97, "[0, 1)")  # EMA of the multipliers, per measurement
+    start_epochs: float | None = bounded(
+        None, "[0, inf)"
+    )  # first epoch that measures; null: when warmup ends
 
 
 @dataclass
 class SolverConfig:
-    base_lr: float = 0.02  # learning rate at base_batch images (linear scaling rule)
-    base_batch: int = 16
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    weight_decay_norm: float = 0.0  # on BatchNorm/GroupNorm scales and shifts
+    base_lr: float = bounded(0.02, "(0, inf)")  # lr at base_batch images (linear scaling rule)
+    base_batch: int = bounded(16, "[1, inf)")
+    momentum: float = bounded(0.9, "[0, 1)")
+    weight_decay: float = bounded(1e-4, "[0, inf)")
+    weight_decay_norm: float = bounded(0.0, "[0, inf)")  # on BatchNorm/GroupNorm scales and shifts
     nesterov: bool = False
     warmup: str = "linear"
-    warmup_iters: int = 500
-    warmup_epochs: float | None = None  # if set, replaces warmup_iters (Goyal: 5 epochs)
+    warmup_iters: int = bounded(500, "[0, inf)")
+    warmup_epochs: float | None = bounded(
+        None, "[0, inf)"
+    )  # if set, replaces warmup_iters (Goyal: 5 epochs)
     # Learning rate at iteration 0 as a fraction of the scaled lr; null: base_lr / lr, i.e.
     # start at the small-batch rate (MegDet section 3.2).
-    warmup_factor: float | None = None
+    warmup_factor: float | None = bounded(None, "(0, 1]")
     policy: str = "step"
-    steps: list[float] = field(default_factory=lambda: [8.0, 10.0])  # epochs, policy "step"
-    gamma: float = 0.1
+    steps: list[float] = bounded(lambda: [8.0, 10.0], "(0, inf)")  # epochs, policy "step"
+    gamma: float = bounded(0.1, "(0, 1]")  # a decay: each step multiplies the lr by it
     # Policy "step" only: one factor per entry of steps (e.g. [0.1, 0.1, 0.5]); null: gamma.
-    factors: list[float] | None = None
+    factors: list[float] | None = bounded(None, "(0, 1]")
     # Scale the gradients down to this global L2 norm when larger (detectron2's
     # CLIP_GRADIENTS "norm", mmdetection's grad_clip); null: never.
-    clip_grad_norm: float | None = None
+    clip_grad_norm: float | None = bounded(None, "(0, inf)")
     # none: one lr for the whole model; agvm: each module group (backbone, FPN, RPN, box
     # head) scaled by how its two half-batch gradients agree, against the backbone's (AGVM).
     module_lr: str = "none"
@@ -164,13 +224,13 @@ class SolverConfig:
 
 @dataclass
 class LogConfig:
-    period: int = 20  # iterations between metric lines
+    period: int = bounded(20, "[1, inf)")  # iterations between metric lines
     tensorboard: bool = True
 
 
 @dataclass
 class EvalConfig:
-    images_per_device: int = 8
+    images_per_device: int = bounded(8, "[1, inf)")
     # faster: faster-coco-eval (C++, identical metrics on our fixtures, ~9x faster on 5,000
     # images; see BENCHMARKS.md); pycocotools: the reference implementation.
     backend: str = "faster"
@@ -180,15 +240,17 @@ class EvalConfig:
 class ClassificationConfig:
     """``task: classification`` (Goyal et al.): ImageFolder data, a ResNet, top-1/5 error."""
 
-    image_size: int = 224  # side of the training crop and of the evaluation crop
+    image_size: int = bounded(
+        224, "[1, inf)"
+    )  # side of the training crop and of the evaluation crop
     # Evaluation: short side before the center crop; null: image_size / 0.875 (224 -> 256)
     # with random_resized_crop, image_size otherwise.
-    resize: int | None = None
+    resize: int | None = bounded(None, "[1, inf)")
     # Training augmentation: random_resized_crop + flip (ImageNet), pad_crop (4 px padding,
     # random crop + flip: CIFAR), none (resize + center crop, as evaluation).
     augment: str = "random_resized_crop"
     zero_init_residual: bool = True  # each residual block's last BN gamma starts at 0 (5.1)
-    label_smoothing: float = 0.0
+    label_smoothing: float = bounded(0.0, "[0, 1)")
 
 
 @dataclass
@@ -256,30 +318,11 @@ def validate(cfg: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
-    positive = {
-        "train.batch_size": cfg.train.batch_size,
-        "solver.base_lr": cfg.solver.base_lr,
-        "solver.base_batch": cfg.solver.base_batch,
-        "model.min_size": cfg.model.min_size,
-        "model.max_size": cfg.model.max_size,
-        "log.period": cfg.log.period,
-        "eval.images_per_device": cfg.eval.images_per_device,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {value}")
-    for key, value in {
-        "train.eval_period": cfg.train.eval_period,
-        "train.checkpoint_period": cfg.train.checkpoint_period,
-    }.items():
-        if value < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    for key, value, interval in _bounded_values(cfg):
+        if value not in interval:
+            raise ConfigError(f"{key}: must be {interval}, got {_number_text(value)}")
     per_device = cfg.train.images_per_device
-    if (
-        per_device is not None
-        and per_device != "auto"
-        and (not isinstance(per_device, int) or per_device <= 0)
-    ):
+    if isinstance(per_device, str) and per_device != "auto":
         raise ConfigError(
             f"train.images_per_device: expected a positive number or auto, got {per_device!r}"
         )
@@ -288,22 +331,12 @@ def validate(cfg: Config) -> None:
             f"train.amp: {cfg.train.amp} mixes half precision into a float32 model; with "
             f"train.dtype={cfg.train.dtype} set train.amp=none"
         )
-    if cfg.solver.clip_grad_norm is not None and cfg.solver.clip_grad_norm <= 0:
-        raise ConfigError(f"solver.clip_grad_norm: must be > 0, got {cfg.solver.clip_grad_norm}")
-    if cfg.train.memory_budget_gb <= 0:
-        raise ConfigError(f"train.memory_budget_gb: must be > 0, got {cfg.train.memory_budget_gb}")
     factors = cfg.solver.factors
     if factors is not None and len(factors) != len(cfg.solver.steps):
         raise ConfigError(
             f"solver.factors: {len(factors)} factor(s) for {len(cfg.solver.steps)} "
             "solver.steps; give one per step, or leave it null to use solver.gamma"
         )
-    if cfg.model.bn_size is not None and cfg.model.bn_size <= 0:
-        raise ConfigError(f"model.bn_size: must be > 0, got {cfg.model.bn_size}")
-    if cfg.train.epochs is not None and cfg.train.epochs <= 0:
-        raise ConfigError(f"train.epochs: must be > 0, got {cfg.train.epochs}")
-    if not 0 <= cfg.model.frozen_stages <= 5:
-        raise ConfigError(f"model.frozen_stages: must be 0..5, got {cfg.model.frozen_stages}")
     if cfg.model.backbone_weights == "imagenet" and cfg.model.backbone == "tiny":
         raise ConfigError(
             "model.backbone_weights: there are no ImageNet weights for the tiny backbone; "
@@ -317,22 +350,21 @@ def validate(cfg: Config) -> None:
             f"model.backbone: '{cfg.model.backbone}' is not a {cfg.task} backbone; use one of "
             f"{', '.join(backbones)}"
         )
-    classify = cfg.classification
-    if classify.image_size <= 0 or (classify.resize or 1) <= 0:
-        raise ConfigError("classification.image_size, classification.resize: must be > 0")
-    if not 0 <= classify.label_smoothing < 1:
-        raise ConfigError(
-            f"classification.label_smoothing: must be in [0, 1), got {classify.label_smoothing}"
-        )
-    agvm = cfg.solver.agvm
-    if agvm.interval < 1:
-        raise ConfigError(f"solver.agvm.interval: must be >= 1, got {agvm.interval}")
-    if not 0 <= agvm.momentum < 1:
-        raise ConfigError(f"solver.agvm.momentum: must be in [0, 1), got {agvm.momentum}")
-    if agvm.start_epochs is not None and agvm.start_epochs < 0:
-        raise ConfigError(f"solver.agvm.start_epochs: must be >= 0, got {agvm.start_epochs}")
     if cfg.solver.policy == "step" and cfg.train.epochs is None:
         raise ConfigError("train.epochs: required with solver.policy=step")
+
+
+def _bounded_values(node: Any, prefix: str = ""):
+    """Every number of the config tree that its field bounds, as (dotted key, value,
+    interval); a list's items one by one."""
+    for item in dataclasses.fields(node):
+        value, key = getattr(node, item.name), f"{prefix}{item.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _bounded_values(value, f"{key}.")
+        elif "interval" in item.metadata:
+            for number in value if isinstance(value, list) else [value]:
+                if isinstance(number, (int, float)) and not isinstance(number, bool):
+                    yield key, number, item.metadata["interval"]
 
 
 def _numbers(tree: dict, prefix: str = ""):
@@ -392,15 +424,62 @@ def _read_yaml(name_or_path: str) -> dict:
             f"--config: '{name_or_path}' is neither a preset ({', '.join(preset_names())}) "
             "nor a YAML file"
         )
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{source}:{where} is not valid YAML") from None
+    raw = safe_yaml(text, source) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
     return raw
+
+
+def safe_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load``, refusing a document whose anchors expand past ``MAX_YAML_NODES``
+    (a "billion laughs" file is a few lines that expand to 10^9 values: safe_load shares
+    them, but everything that walks the result, a copy or a dump, would exhaust memory)."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is not None and _expanded_nodes(root) > MAX_YAML_NODES:
+            raise ConfigError(
+                f"{source}: its anchors and aliases expand to more than {MAX_YAML_NODES:,} "
+                "values; write the values out, or use fewer aliases"
+            )
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise InvalidYaml(f"{source}:{where} is not valid YAML") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a config") from None
+
+
+MAX_YAML_NODES = 100_000
+
+
+class InvalidYaml(ConfigError):
+    """Text that does not parse as YAML."""
+
+
+def _expanded_nodes(root: yaml.Node) -> int:
+    """How many values the document holds once every alias is expanded: each node's size
+    counted once (an alias shares its anchor's node), in post-order without recursion."""
+    sizes: dict[int, int] = {}
+    stack = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        if isinstance(node, yaml.ScalarNode):
+            sizes[id(node)] = 1
+            continue
+        children = [
+            child
+            for item in node.value
+            for child in (item if isinstance(node, yaml.MappingNode) else (item,))
+        ]
+        if children_done:
+            sizes[id(node)] = 1 + sum(sizes.get(id(child), 0) for child in children)
+        else:
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if id(child) not in sizes)
+    return sizes[id(root)]
 
 
 def _apply_override(raw: dict, item: str) -> None:
@@ -408,9 +487,9 @@ def _apply_override(raw: dict, item: str) -> None:
     if not sep or not key:
         raise ConfigError(f"override '{item}': expected key=value, e.g. train.batch_size=32")
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = text
+        value = safe_yaml(text, f"override '{key}'")
+    except InvalidYaml:
+        value = text  # e.g. a path with a colon: the text as it is
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:

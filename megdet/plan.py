@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megdet.config import Config
-from megdet.errors import ConfigError
+from megdet.errors import ConfigError, DataError
 
 # Paper policies (MegDet section 4): ([(epoch, lr factor), ...], last epoch).
 POLICIES = {
@@ -149,6 +149,9 @@ def make_plan(
 ) -> Plan:
     """What a run will do. ``memory`` (measured by ``estimate_memory``) is required when
     ``train.images_per_device`` is ``auto`` and reported whenever it is given."""
+    if num_train_images < 1:  # here, so that `megdet plan` refuses it as `train` does
+        where = cfg.data.train.json or cfg.data.train.images or "data.train"
+        raise DataError(f"{where}: the training set has no images; check data.train")
     batch = cfg.train.batch_size
     per_device = cfg.train.images_per_device
     memory_report = None

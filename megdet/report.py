@@ -46,13 +46,49 @@ def read_run(run_dir: Path) -> RunLog:
             if number == len(lines):
                 continue
             raise MegdetError(f"{metrics}:{number}: not a JSON line") from None
+        if problem := _record_problem(record):
+            raise MegdetError(f"{metrics}:{number}: {problem}; is this a megdet metrics file?")
         (evals if "eval" in record else train).append(record)
-    global_batch = 0
-    plan_file = run_dir / "plan.json"
-    if plan_file.is_file():
-        global_batch = int(json.loads(plan_file.read_text()).get("global_batch", 0))
+    global_batch = _global_batch(run_dir)
     name = run_dir.resolve().name + (f" (batch {global_batch})" if global_batch else "")
     return RunLog(name, global_batch, train, evals)
+
+
+# What each record must hold for the plots and tables: training lines and evaluation lines.
+TRAIN_FIELDS = ("iter", "epoch", "lr", "loss")
+EVAL_FIELDS = ("iter", "epoch")
+
+
+def _record_problem(record) -> str | None:
+    """Why a metrics.jsonl line cannot be read as megdet's, or None."""
+    if not isinstance(record, dict):
+        return f"a line must be a JSON object, got {type(record).__name__}"
+    evaluation = "eval" in record
+    if evaluation and not isinstance(record["eval"], dict):
+        return "'eval' must be an object of metrics"
+    for key in EVAL_FIELDS if evaluation else TRAIN_FIELDS:
+        if key not in record:
+            return f"no '{key}'"
+    numbers = {**record["eval"], **{k: record[k] for k in EVAL_FIELDS}} if evaluation else record
+    for key, value in numbers.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return f"'{key}' must be a number, got {value!r:.40}"
+    return None
+
+
+def _global_batch(run_dir: Path) -> int:
+    """The run's global batch from its plan.json; 0 where there is none."""
+    plan_file = run_dir / "plan.json"
+    if not plan_file.is_file():
+        return 0
+    try:
+        plan = json.loads(plan_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise MegdetError(f"{plan_file}: not readable as JSON ({exc})") from None
+    batch = plan.get("global_batch", 0) if isinstance(plan, dict) else None
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 0:
+        raise MegdetError(f"{plan_file}: not a megdet plan (needs an object with global_batch)")
+    return batch
 
 
 def per_epoch(records: list[dict], key: str) -> dict[int, float]:

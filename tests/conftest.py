@@ -1,3 +1,8 @@
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -5,6 +10,7 @@ import pytest
 import torch
 
 from megdet.data.shapes import generate_shapes
+from megdet.engine.run_dir import LOCK
 from tests.distributed import exact_cuda_kernels
 
 COCO128 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco128"
@@ -67,3 +73,39 @@ def cli(capsys):
         return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
     return run
+
+
+def megdet(*args, cwd=None, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``python -m megdet ARGS`` in a process group of its own, as ``subprocess.run`` reports
+    it. However the test ends (a failure, its timeout, pytest-timeout's), the whole group is
+    killed: the launcher's torchrun workers too, which ``subprocess.run`` would leave behind."""
+    command = [sys.executable, "-m", "megdet", *map(str, args)]
+    with subprocess.Popen(
+        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    ) as proc:  # fmt: skip
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        finally:
+            kill_group(proc.pid)
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL the process group led by ``pid`` (what is left of it)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def one_line_error(result, expected: str) -> None:
+    """Exit code 2, one error line saying ``expected``, no traceback (log lines may precede)."""
+    assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-2000:])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("megdet: error:")]
+    assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def run_files(folder: Path) -> dict[Path, bytes]:
+    """Every file under ``folder`` with its bytes, the run lock aside: it names the last
+    process that held it."""
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != LOCK}

@@ -1,7 +1,14 @@
-"""Run a function in k processes joined by a gloo process group, as torchrun would."""
+"""Run a function in k processes joined by a gloo process group, as torchrun would.
+
+The processes are forked from a server that imported torch and megdet once for the whole test
+session (multiprocessing's forkserver): a spawned process spends ~3 s of CPU importing them,
+which was most of the time of a multi-process test. Forked before any of torch's threads exist,
+each worker is as fresh as a spawned one, and gets the caller's environment.
+"""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import socket
 import tempfile
@@ -17,6 +24,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# What the fork server imports once; workers start with these already loaded.
+PRELOAD = [
+    "torch", "torchvision", "tests.distributed", "megdet.engine.trainer",
+    "megdet.tasks.detection.task", "megdet.tasks.classification.task",
+]  # fmt: skip
+multiprocessing.set_forkserver_preload(PRELOAD)
+
+
 def run_in_processes(fn, world_size: int, *args, timeout_s: int = 240) -> list:
     """``fn(rank, world_size, *args)`` in ``world_size`` spawned processes; their returns.
 
@@ -27,17 +42,25 @@ def run_in_processes(fn, world_size: int, *args, timeout_s: int = 240) -> list:
     with tempfile.TemporaryDirectory() as tmp:
         context = mp.start_processes(
             _worker,
-            args=(fn, world_size, port, tmp, timeout_s, args),
+            args=(fn, world_size, port, tmp, timeout_s, args, dict(os.environ)),
             nprocs=world_size,
             join=False,
-            start_method="spawn",
+            start_method="forkserver",
         )
-        while not context.join(timeout=timeout_s):
-            pass
+        try:
+            while not context.join(timeout=timeout_s):
+                pass
+        finally:  # a failed or timed-out test (pytest-timeout) leaves no worker behind
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+                process.join(timeout=10)
         return [torch.load(Path(tmp) / f"{r}.pt", weights_only=False) for r in range(world_size)]
 
 
-def _worker(rank, fn, world_size, port, tmp, timeout_s, args):
+def _worker(rank, fn, world_size, port, tmp, timeout_s, args, environ):
+    os.environ.clear()
+    os.environ.update(environ)  # the caller's, not the fork server's
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),

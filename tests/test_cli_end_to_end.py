@@ -1,8 +1,6 @@
 """The user's path through the CLI: make data, train the instant preset, evaluate the run."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,28 +8,22 @@ import pytest
 import torch
 
 from megdet.launch import torchrun_args
-from tests.conftest import instant_overrides
-
-
-def megdet(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "megdet", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=240,
-    )
+from tests.conftest import instant_overrides, megdet
 
 
 @pytest.mark.slow
-def test_instant_train_then_eval_through_the_cli(tmp_path):
+def test_instant_train_then_eval_through_the_cli(cli, tmp_path, monkeypatch):
+    """In this process (``cli``): a subprocess per command would spend most of the test
+    importing torch; ``python -m megdet`` itself is run by the tests below."""
     data = tmp_path / "data"
-    made = megdet("data", "shapes", "--out", data, "--train", 16, "--val", 8, "--size", 64)
+    made = cli("data", "shapes", "--out", data, "--train", 16, "--val", 8, "--size", 64)
     assert made.returncode == 0, made.stderr
     run = tmp_path / "run"
     # Relative paths, from the data's folder: `eval --run` below runs from another one.
     relative = instant_overrides(Path("data"))
-    trained = megdet("train", "--config", "instant_test", "--out", "run", *relative, cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    trained = cli("train", "--config", "instant_test", "--out", "run", *relative)
+    monkeypatch.chdir(data / "train")
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "mmAP" in trained.stdout
 
@@ -57,7 +49,7 @@ def test_instant_train_then_eval_through_the_cli(tmp_path):
 
     results = json.loads((run / "eval" / "results.json").read_text())
     assert {r["category_id"] for r in results} <= {1, 3, 7}  # the dataset's own ids
-    evaluated = megdet("eval", "--run", run, "--out", tmp_path / "eval2")
+    evaluated = cli("eval", "--run", run, "--out", tmp_path / "eval2")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     again = json.loads((tmp_path / "eval2" / "metrics.json").read_text())
     assert again == pytest.approx(final)
@@ -68,7 +60,7 @@ def test_instant_train_then_eval_through_the_cli(tmp_path):
         "names": ["rectangle", "ellipse", "triangle"],
         "category_ids": [1, 3, 7],
     }
-    predicted = megdet(
+    predicted = cli(
         "predict", "--weights", run / "checkpoints" / "last.pt", data / "train", "--out",
         tmp_path / "predicted", "--score", 0.3, "--batch", 8,
     )  # fmt: skip
@@ -97,14 +89,14 @@ def test_instant_train_then_eval_through_the_cli(tmp_path):
     assert ours and all(twin(r, theirs) for r in ours)
     assert all(twin(r, ours) for r in theirs if r[-1] >= 0.3002)
 
-    reported = megdet("report", run)
+    reported = cli("report", run)
     assert reported.returncode == 0, reported.stderr[-3000:]
     names = {"loss_lr.png", "mmap_per_epoch.png", "pos_neg_ratio.png", "noise_scale.png"}
     names.add("table1.md")
     assert {p.name for p in (run / "report").iterdir()} == names
     assert "| rpn |" in (run / "report" / "table1.md").read_text()
 
-    refused = megdet("train", "--config", "instant_test", "--out", run, *instant_overrides(data))
+    refused = cli("train", "--config", "instant_test", "--out", run, *instant_overrides(data))
     assert refused.returncode == 2
     assert "--overwrite to replace it" in refused.stderr and "Traceback" not in refused.stderr
 

@@ -59,7 +59,7 @@ def test_overrides_are_parsed_and_typed():
         ("solver.steps=3", "solver.steps: expected a list"),
         ("model.norm=batch", "model.norm: 'batch' is not one of"),
         ("model.backbone=vgg", "model.backbone: 'vgg' is not one of"),
-        ("train.batch_size=0", "train.batch_size: must be > 0"),
+        ("train.batch_size=0", "train.batch_size: must be >= 1, got 0"),
         ("model.anchor_sizes=[8,16]", "model.anchor_sizes: needs 5 sizes"),
         ("train.batch_size", "expected key=value"),
         ("solver.factors=[0.1,0.1]", "solver.factors: 2 factor(s) for 1 solver.steps"),
@@ -107,3 +107,79 @@ def test_cli_reports_config_errors_in_one_line_with_exit_code_2():
     assert proc.stderr.strip().splitlines() == [
         "megdet: error: model.norm: 'batch' is not one of frozen, bn, gn, cgbn"
     ]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("solver.momentum=2", "solver.momentum: must be in [0, 1), got 2"),
+        ("model.roi_positive_fraction=1.5", "model.roi_positive_fraction: must be in (0, 1]"),
+        ("solver.warmup_factor=5", "solver.warmup_factor: must be in (0, 1], got 5"),
+        ("train.max_iter=0", "train.max_iter: must be >= 1, got 0"),
+        ("solver.weight_decay=-1e-4", "solver.weight_decay: must be >= 0"),
+        ("solver.factors=[0.1,2]", "solver.factors: must be in (0, 1], got 2"),
+        ("model.anchor_sizes=[8,16,0,64,128]", "model.anchor_sizes: must be >= 1, got 0"),
+        ("train.seed=-1", "train.seed: must be in [0, 4294967295], got -1"),
+        ("data.num_workers=-1", "data.num_workers: must be >= 0, got -1"),
+        ("model.box_score_thresh=1.5", "model.box_score_thresh: must be in [0, 1]"),
+        ("train.images_per_device=0", "train.images_per_device: must be >= 1, got 0"),
+    ],
+)
+def test_numbers_outside_their_meaning_are_refused(override, message):
+    """Each used to be accepted (momentum 2 trained to a loss of 4e20; max_iter 0 wrote an
+    untrained checkpoint)."""
+    with pytest.raises(ConfigError) as info:
+        load_config("default", [override])
+    assert message in str(info.value)
+
+
+def test_every_default_and_preset_lies_in_its_ranges():
+    from megdet.config import _bounded_values, preset_names
+
+    for cfg in [Config(), *(load_config(name) for name in preset_names())]:
+        for key, value, interval in _bounded_values(cfg):
+            assert value in interval, (key, value)
+    # Every int and float field of the tree has its range.
+    numeric = [f for f, hint in _leaf_fields(Config) if {int, float} & set(_types(hint))]
+    assert len(numeric) > 30 and all("interval" in f.metadata for f in numeric)
+
+
+def _leaf_fields(cls):
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for item in dataclasses.fields(cls):
+        hint = hints[item.name]
+        if dataclasses.is_dataclass(hint):
+            yield from _leaf_fields(hint)
+        else:
+            yield item, hint
+
+
+def _types(hint):
+    import typing
+
+    args = typing.get_args(hint)
+    return [t for a in args for t in _types(a)] if args else [hint]
+
+
+def test_a_billion_laughs_config_is_refused_at_once(tmp_path):
+    """Nine lines whose aliases expand to 9^9 values: refused before anything walks them."""
+    import time
+
+    lines = ["a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+        lines.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * 9)}]")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    begin = time.perf_counter()
+    with pytest.raises(ConfigError, match="expand to more than 100,000 values"):
+        load_config(str(bomb))
+    with pytest.raises(ConfigError, match="expand to more than"):
+        load_config("default", ["solver.steps={" + ", ".join(lines) + "}"])
+    assert time.perf_counter() - begin < 5
+    # A few aliases are fine.
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("train: &t {epochs: 3}\n")
+    assert load_config(str(ok)).train.epochs == 3.0

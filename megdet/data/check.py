@@ -16,7 +16,7 @@ import json
 import math
 import numbers
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import PIL.Image
 
@@ -166,6 +166,12 @@ def _check_images(images: list, report: CheckReport) -> dict[int, tuple[float, f
                 f"{where}: file_name must be a path, got {image['file_name']!r:.40}"
             )
             continue
+        if leaves_folder(image["file_name"]):
+            report.errors.append(
+                f"{where}: file_name {image['file_name']!r:.80} leaves the images folder "
+                "(absolute, or through '..'); file_names are relative to it"
+            )
+            continue
         if not all(_positive(image[k]) for k in ("width", "height")):
             report.errors.append(f"{where}: width and height must be positive finite numbers")
             continue
@@ -193,8 +199,10 @@ def _check_categories(categories: list, report: CheckReport) -> set[int]:
 def check_image_files(coco: dict, image_dir: Path, report: CheckReport, decode: bool) -> None:
     """Every image file exists; with ``decode``, it also opens and has the JSON's size."""
     for image in coco["images"]:
-        if _missing(image, ("file_name", "width", "height")) or not isinstance(
-            image["file_name"], str
+        if (
+            _missing(image, ("file_name", "width", "height"))
+            or not isinstance(image["file_name"], str)
+            or leaves_folder(image["file_name"])
         ):
             continue  # reported by check_structure
         file = Path(image_dir) / image["file_name"]
@@ -224,6 +232,20 @@ def check_image_files(coco: dict, image_dir: Path, report: CheckReport, decode: 
                 f"{file}: image is {size[0]}x{size[1]} but {report.path} says "
                 f"{image['width']}x{image['height']}"
             )
+
+
+def leaves_folder(file_name: str) -> bool:
+    """Whether a COCO ``file_name`` points outside the folder it is relative to: an absolute
+    path (``/etc/passwd``), or one that climbs out through ``..``. Subfolders are fine."""
+    parts = PurePosixPath(file_name.replace("\\", "/")).parts
+    if Path(file_name).is_absolute() or (parts and parts[0] == "/"):
+        return True
+    depth = 0
+    for part in parts:
+        depth += -1 if part == ".." else (0 if part == "." else 1)
+        if depth < 0:
+            return True
+    return False
 
 
 def check_dataset(json_path: Path, image_dir: Path | None, decode: bool = True) -> CheckReport:

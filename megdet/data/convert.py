@@ -151,6 +151,8 @@ def category_ids(spec: str | None, count: int) -> list[int]:
 def write_conversion(conversion: Conversion, out: Path, overwrite: bool) -> CheckReport:
     """Write the COCO file atomically, after it passes ``megdet data check``'s record checks;
     nothing is written while there are errors. The check's report comes back."""
+    if not conversion.images and not conversion.errors:
+        conversion.errors.append(f"{conversion.source}: no images found to convert")
     if conversion.errors:
         raise ConversionFailed(conversion.errors)
     if out.exists() and not overwrite:

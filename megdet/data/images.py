@@ -44,26 +44,36 @@ def _to_rgb8(image: PIL.Image.Image) -> PIL.Image.Image:
     return image.convert("RGB")
 
 
-def find_images(inputs: list[str]) -> tuple[list[Path], list[str]]:
+def find_images(inputs: list[str], exclude: Path | None = None) -> tuple[list[Path], list[str]]:
     """The files ``inputs`` name: files as they are (an image or not, which reading tells),
     folders searched recursively for image suffixes, glob patterns (``**`` too) expanded into
-    both; each file once, sorted. Also one line per input that names nothing."""
-    found: dict[Path, None] = {}
+    both; each file once however it is named (relative, absolute, through a link), sorted.
+    Files under ``exclude`` (the command's own output folder: drawings of a previous run) are
+    left out of folders and globs. Also one line per input that names nothing."""
+    found: dict[Path, Path] = {}  # resolved -> as named
     unmatched = []
+    skip = Path(exclude).resolve() if exclude is not None else None
     for item in inputs:
         if Path(item).exists():  # literally, even with glob characters in its name ("[1].jpg")
             named = [Path(item)]
         else:
             named = [Path(p) for p in sorted(glob.glob(item, recursive=True))]
         files = [q for p in named for q in (images_in(p) if p.is_dir() else [p])]
+        searched = Path(item).is_dir() or named != [Path(item)]  # a folder or a glob
+        outputs = []
+        if skip is not None and searched:
+            outputs = [f for f in files if f.resolve().is_relative_to(skip)]
+            files = [f for f in files if f not in outputs]
         if not named:
             unmatched.append(f"{item}: no such file or folder")
         elif not files:
             unmatched.append(
-                f"{item}: no image files in it (suffixes: {', '.join(sorted(IMAGE_SUFFIXES))})"
+                f"{item}: no image files in it (suffixes: {', '.join(sorted(IMAGE_SUFFIXES))}"
+                f"{'; the ones in --out are left out' if outputs else ''})"
             )
-        found.update(dict.fromkeys(files))
-    return sorted(found), unmatched
+        for file in files:
+            found.setdefault(file.resolve(), file)
+    return sorted(found.values()), unmatched
 
 
 def images_in(folder: Path) -> list[Path]:

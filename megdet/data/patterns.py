@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from megdet.atomic import atomic_folder, refuse_existing_set
+
 SHAPES = ("square", "circle", "triangle", "cross", "ring", "diamond")
 TEXTURES = ("solid", "hstripes", "vstripes", "diagonal", "dots", "checker")
 # Every (shape, texture), in an order where the first K mix shapes and textures.
@@ -29,26 +31,34 @@ CLASSES = tuple(
 
 
 def generate_patterns(
-    out: Path, num_classes: int, num_train: int, num_val: int, size: int = 32, seed: int = 0
+    out: Path,
+    num_classes: int,
+    num_train: int,
+    num_val: int,
+    size: int = 32,
+    seed: int = 0,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     """Write ``out/{train,val}/<class>/<index>.png``: ``num_train`` and ``num_val`` images
-    spread evenly over ``num_classes`` classes (image i has class i mod K)."""
+    spread evenly over ``num_classes`` classes (image i has class i mod K). The set appears
+    whole or not at all; a set already in ``out`` is refused unless ``overwrite``."""
     if not 2 <= num_classes <= len(CLASSES):
         raise ValueError(f"--classes: between 2 and {len(CLASSES)}, got {num_classes}")
     if size < 16:
         raise ValueError(f"--size: at least 16 pixels, got {size}")
     out = Path(out)
-    written = {}
-    for split, count, offset in (("train", num_train, 0), ("val", num_val, 1_000_003)):
-        for name in CLASSES[:num_classes]:
-            (out / split / name).mkdir(parents=True, exist_ok=True)
-        for index in range(count):
-            name = CLASSES[index % num_classes]
-            rng = np.random.default_rng([seed, offset + index])
-            pixels = draw(rng, name, size)
-            Image.fromarray(pixels).save(out / split / name / f"{index:07d}.png", optimize=False)
-        written[split] = out / split
-    return written
+    refuse_existing_set(out, ("train", "val"), overwrite)
+    with atomic_folder(out) as tmp:
+        for split, count, offset in (("train", num_train, 0), ("val", num_val, 1_000_003)):
+            for name in CLASSES[:num_classes]:
+                (tmp / split / name).mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                name = CLASSES[index % num_classes]
+                rng = np.random.default_rng([seed, offset + index])
+                pixels = draw(rng, name, size)
+                path = tmp / split / name / f"{index:07d}.png"
+                Image.fromarray(pixels).save(path, optimize=False)
+    return {split: out / split for split in ("train", "val")}
 
 
 def draw(rng: np.random.Generator, name: str, size: int) -> np.ndarray:

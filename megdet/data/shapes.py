@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from megdet.atomic import atomic_folder, refuse_existing_set
+
 CLASSES = ("rectangle", "ellipse", "triangle")
 # Non-contiguous ids on purpose, as in COCO: code must map ids to labels, never assume 1..K.
 CATEGORY_IDS = (1, 3, 7)
@@ -28,11 +30,24 @@ def generate_shapes(
     size: int = 128,
     seed: int = 0,
     width: int | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     """Write ``out/{train,val}/*.png`` and ``out/annotations/instances_{train,val}.json``:
-    ``size`` x ``size`` images, or ``size`` high and ``width`` wide (COCO's 800 x 1333)."""
-    height, width = size, width or size
+    ``size`` x ``size`` images, or ``size`` high and ``width`` wide (COCO's 800 x 1333).
+
+    The set appears whole or not at all (``atomic_folder``); a set already in ``out`` is
+    refused unless ``overwrite``, which replaces it (no stale images left)."""
     out = Path(out)
+    refuse_existing_set(out, SET_ENTRIES, overwrite)
+    with atomic_folder(out) as tmp:
+        written = _write_shapes(tmp, num_train, num_val, size, seed, width or size)
+    return {split: out / path.relative_to(tmp) for split, path in written.items()}
+
+
+SET_ENTRIES = ("train", "val", "annotations")
+
+
+def _write_shapes(out: Path, num_train, num_val, height, seed, width) -> dict[str, Path]:
     written = {}
     for split, count, offset in (("train", num_train, 0), ("val", num_val, 1_000_003)):
         (out / split).mkdir(parents=True, exist_ok=True)

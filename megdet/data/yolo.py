@@ -28,6 +28,7 @@ def convert_yolo(
     conversion = Conversion(f"YOLO labels in {labels}", categories_from(names, ids))
     image_files = images_in(images)
     used = set()
+    boxes, unnormalized, largest = 0, 0, 0.0
     for path in image_files:
         relative = path.relative_to(images)
         label_file = Path(labels) / relative.with_suffix(".txt")
@@ -42,39 +43,59 @@ def convert_yolo(
             continue
         for number, line in enumerate(lines, 1):
             if line.strip():
-                _add_line(conversion, image, line, f"{label_file}:{number}", ids)
+                coords = _add_line(conversion, image, line, f"{label_file}:{number}", ids)
+                if coords:
+                    boxes += 1
+                    unnormalized += max(coords) > NORMALIZED_LIMIT
+                    largest = max(largest, *coords)
+    if unnormalized and unnormalized >= boxes / 2:
+        # Clipping them to the image would drop nearly all, with only a note to show for it.
+        conversion.errors.append(
+            f"{labels}: {unnormalized} of {boxes} label lines have coordinates above 1 "
+            f"(largest {largest:g}); YOLO labels are fractions of the image size (0 to 1), "
+            "these look like pixels: divide x and width by the image width, y and height by "
+            "its height"
+        )
     orphans = sorted(p for p in Path(labels).rglob("*.txt") if p not in used)
     for orphan in orphans:
         conversion.notes.append(f"{orphan}: no image for this label file (not converted)")
     return conversion
 
 
-def _add_line(conversion: Conversion, image: dict, line: str, where: str, ids: list[int]):
+# A normalized coordinate past this is not the rounding of a box at the image's edge.
+NORMALIZED_LIMIT = 1.5
+
+
+def _add_line(
+    conversion: Conversion, image: dict, line: str, where: str, ids: list[int]
+) -> list[float] | None:
+    """Add one label line's box; its normalized box corners, or None if the line is an
+    error."""
     fields = line.split()
     try:
         values = [float(v) for v in fields]
     except ValueError:
         conversion.errors.append(f"{where}: not numbers: {line.strip()!r:.60}")
-        return
+        return None
     if len(values) != 5 and (len(values) < 7 or len(values) % 2 == 0):
         conversion.errors.append(
             f"{where}: expected 'class cx cy w h' or 'class x1 y1 x2 y2 x3 y3 ...', "
             f"got {len(values)} numbers"
         )
-        return
+        return None
     cls = values[0]
     if not cls.is_integer() or not 0 <= cls < len(ids):
         conversion.errors.append(f"{where}: class {fields[0]} is not one of 0..{len(ids) - 1}")
-        return
+        return None
     coords = values[1:]
     if not all(math.isfinite(v) for v in coords):
         conversion.errors.append(f"{where}: coordinates must be finite numbers")
-        return
+        return None
     if len(coords) == 4:
         cx, cy, w, h = coords
         if w < 0 or h < 0:
             conversion.errors.append(f"{where}: negative width or height ({w}, {h})")
-            return
+            return None
         box = [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
     else:  # a polygon: its bounding box
         xs, ys = coords[0::2], coords[1::2]
@@ -82,3 +103,4 @@ def _add_line(conversion: Conversion, image: dict, line: str, where: str, ids: l
     width, height = image["width"], image["height"]
     pixels = [box[0] * width, box[1] * height, box[2] * width, box[3] * height]
     conversion.add_box(image, ids[int(cls)], pixels, where)
+    return box

@@ -23,7 +23,10 @@ class EventWriter:
         tensorboard: bool = True,
         enabled: bool = True,
         progress_bar: bool | None = None,
+        resumed: bool = False,
     ) -> None:
+        """``resumed``: TensorBoard hides what the stopped run logged after ``start_iter``
+        (its metrics.jsonl lines are dropped by ``start_run_dir``), so no step shows twice."""
         self.enabled = enabled
         self.max_iter = max_iter
         self._last = (time.perf_counter(), start_iter)
@@ -34,7 +37,8 @@ class EventWriter:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(run_dir))
+            purge = start_iter + 1 if resumed else None  # steps are iterations done
+            self._tb = SummaryWriter(log_dir=str(run_dir), purge_step=purge)
         if progress_bar if progress_bar is not None else sys.stderr.isatty():
             from tqdm import tqdm
 

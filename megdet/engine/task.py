@@ -63,6 +63,11 @@ class Task(Protocol):
     def batch_statistics(self, per_image: dict[str, float], global_batch: int) -> dict:
         """Logged numbers derived from the averaged ones (may be empty)."""
 
+    def check_evaluation(self) -> None:
+        """Check what ``evaluate`` will read (the val annotations, that its images are there)
+        and raise a one-line ``MegdetError`` if it cannot work; called before the first
+        iteration, so a broken val set is not found after hours of training."""
+
     def evaluate(self, model: nn.Module, device: torch.device, out_dir: Path | None) -> dict:
         """Metrics on the validation split, the same on every rank; files to ``out_dir``
         (rank 0 only)."""

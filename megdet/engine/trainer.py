@@ -23,7 +23,7 @@ from megdet.engine.amp import MixedPrecision
 from megdet.engine.checkpoint import LAST, load_model_state, newest_checkpoint, save_checkpoint
 from megdet.engine.events import EventWriter
 from megdet.engine.noise_scale import NoiseScale, split_in_halves
-from megdet.engine.run_dir import start_run_dir
+from megdet.engine.run_dir import settle_replacement, start_run_dir
 from megdet.engine.stop import StopRequested, StopSignals
 from megdet.engine.task import Task
 from megdet.errors import MegdetError
@@ -40,6 +40,19 @@ class TrainResult:
     model: torch.nn.Module
     plan: Plan
     metrics: dict[str, float]  # the final evaluation, identical on every rank
+
+
+@dataclass
+class _Training:
+    """What the loop carries besides the model, built once by ``train``."""
+
+    ddp: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    amp: MixedPrecision
+    loader: torch.utils.data.DataLoader
+    about: dict  # what every checkpoint repeats (``_about``)
+    statistics: tuple  # (NoiseScale | None, AGVM | None)
+    resumed: bool
 
 
 class DivergenceError(MegdetError):
@@ -59,7 +72,8 @@ def train(
     ``task`` supplies the model, the training set and the evaluator; the loop is task-agnostic.
     ``resume`` continues from the newest complete checkpoint in ``run_dir`` (if there is one)
     exactly where it stopped: same weights, momentum, data order and schedule position.
-    ``replace`` removes a previous run's files there, once this one is ready to start.
+    ``replace`` moves a previous run's files aside once this one is ready to start, deletes
+    them at its first checkpoint, and puts them back if it ends without one.
     """
     memory = None
     if cfg.train.images_per_device == "auto":  # measured once, the same answer on every rank
@@ -95,7 +109,6 @@ def train(
         noise.attach(ddp)
         if found:
             noise.load_state_dict(found[0].get("noise_scale", {}))
-    stats = (noise, module_lr)
 
     sampler = GlobalShuffleSampler(
         task.num_train_images,
@@ -114,15 +127,32 @@ def train(
         collate_fn=task.collate,
         pin_memory=ctx.device.type == "cuda",
     )
+    state = _Training(ddp, optimizer, amp, loader, about, (noise, module_lr), resumed=resume)
+    _agreed(task.check_evaluation)  # evaluation reads these at the end: check them now
     if ctx.is_main:  # the run can start: only now does its folder change
-        resumed_at = start_iter if found else None
+        resumed_at = start_iter if resume else None  # 0: resumed with no checkpoint to load
         start_run_dir(run_dir, dump_config(cfg), plan.to_json() + "\n", replace, resumed_at)
+    try:
+        return _train_loop(cfg, task, run_dir, ctx, plan, model, start_iter, state)
+    finally:
+        if ctx.is_main:  # a replaced run is deleted once this one has a checkpoint, else back
+            settle_replacement(run_dir)
+
+
+def _train_loop(cfg, task, run_dir, ctx, plan, model, start_iter, state) -> TrainResult:
+    """The loop, from ``start_iter`` to the plan's end."""
+    ddp, optimizer, amp, loader, about = (
+        state.ddp, state.optimizer, state.amp, state.loader, state.about
+    )  # fmt: skip
+    noise, module_lr = stats = state.statistics
+    dtype = getattr(torch, cfg.train.dtype)
     events = EventWriter(
         run_dir,
         plan.max_iter,
         start_iter=start_iter,
         tensorboard=cfg.log.tensorboard,
         enabled=ctx.is_main,
+        resumed=state.resumed,
     )
     eval_every = cfg.train.eval_period * plan.iters_per_epoch
     model.train()
@@ -325,3 +355,4 @@ def _save(run_dir, model, optimizer, amp, statistics, iteration, about, plan: Pl
         **about,
     }
     save_checkpoint(run_dir / "checkpoints" / "last.pt", state)
+    settle_replacement(run_dir)  # the first checkpoint: a replaced run can go

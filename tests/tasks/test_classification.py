@@ -3,8 +3,6 @@ augmentation, exact top-1/top-5 error over processes, the same training for 1 an
 processes, and the user's path through the CLI."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,6 +16,7 @@ from megdet.errors import ConfigError, DataError
 from megdet.tasks import build_task
 from megdet.tasks.classification import data
 from megdet.tasks.classification.model import build_classifier
+from tests.conftest import megdet
 from tests.distributed import run_in_processes
 
 
@@ -171,18 +170,13 @@ def test_memory_estimate_grows_with_the_images(patterns):
     assert estimate.images_that_fit("none", 1.0) > estimate.images_that_fit("none", 0.5)
 
 
-def megdet(*args):
-    return subprocess.run([sys.executable, "-m", "megdet", *map(str, args)],
-                          capture_output=True, text=True, timeout=240)  # fmt: skip
-
-
 @pytest.mark.slow
-def test_train_eval_plan_report_through_the_cli(tmp_path):
+def test_train_eval_plan_report_through_the_cli(cli, tmp_path):
     root = tmp_path / "data"
-    made = megdet("data", "patterns", "--out", root, "--classes", 4, "--train", 64, "--val", 16)
+    made = cli("data", "patterns", "--out", root, "--classes", 4, "--train", 64, "--val", 16)
     assert made.returncode == 0, made.stderr
     paths = [f"data.train.images={root}/train", f"data.val.images={root}/val"]
-    planned = megdet("plan", "--config", "classify_demo", *paths, "--nproc", 2)
+    planned = cli("plan", "--config", "classify_demo", *paths, "--nproc", 2)
     assert planned.returncode == 0 and "global batch 128" in planned.stdout, planned.stderr
     run = tmp_path / "run"
     trained = megdet("train", "--config", "classify_demo", *paths, "train.batch_size=16",
@@ -196,10 +190,10 @@ def test_train_eval_plan_report_through_the_cli(tmp_path):
     final = records[-1]["eval"]
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert state["labels"] == {"names": sorted(p.name for p in (root / "train").iterdir())}
-    evaluated = megdet("eval", "--run", run, "--out", tmp_path / "again")
+    evaluated = cli("eval", "--run", run, "--out", tmp_path / "again")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert again == pytest.approx(final)
-    reported = megdet("report", run)
+    reported = cli("report", run)
     assert reported.returncode == 0, reported.stderr[-3000:]
     assert "top1_err_per_epoch.png" in {p.name for p in (run / "report").iterdir()}

@@ -113,6 +113,10 @@ class ClassificationTask:
     def batch_statistics(per_image: dict[str, float], global_batch: int) -> dict[str, float]:
         return {}
 
+    def check_evaluation(self) -> None:
+        """The val folder has images in the training set's class folders."""
+        _ = self.val_index  # read_folder and val_index raise what they find
+
     def evaluate(self, model: nn.Module, device: torch.device, out_dir: Path | None) -> dict:
         dataset = data.FolderDataset(self.val_index, data.eval_transform(self.cfg.classification))
         return evaluate_classifier(

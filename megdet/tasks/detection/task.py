@@ -142,11 +142,7 @@ class DetectionTask:
         """The training set, after checking that every image file is there (decoding them all
         would take minutes on COCO; ``megdet data check`` does)."""
         cfg = self.cfg
-        report = CheckReport(self.train_index.path)
-        check_image_files({"images": self.train_index.images}, cfg.data.train.images, report, False)
-        if report.errors:
-            more = f" (and {len(report.errors) - 1} more)" if len(report.errors) > 1 else ""
-            raise DataError(f"{report.errors[0]}{more}; check data.train.images")
+        _check_files_exist(self.train_index, cfg.data.train.images, "data.train.images")
         return CocoDetection(
             self.train_index, cfg.data.train.images, seed=cfg.train.seed, hflip=cfg.data.hflip
         )
@@ -182,6 +178,25 @@ class DetectionTask:
         share |= {"loss_classifier": roi, "loss_box_reg": roi}
         return {name: value * share[name] for name, value in losses.items()}
 
+    def check_evaluation(self) -> None:
+        """The val annotations parse and name the training set's categories, and every val
+        image file is there."""
+        try:
+            index = self.val_index
+        except DataError as exc:
+            raise DataError(f"{exc}; check data.val.json") from None
+        if not index.images:
+            raise DataError(f"{index.path}: the val set has no images; check data.val.json")
+        _check_files_exist(index, self.cfg.data.val.images, "data.val.images")
+        if Path(self.cfg.data.train.json).is_file() and (
+            index.category_ids != self.train_index.category_ids
+        ):
+            raise DataError(
+                f"{index.path}: its categories (ids {index.category_ids[:5]}) differ from the "
+                f"training set's ({self.train_index.category_ids[:5]}); the labels would not "
+                "match; check data.val.json"
+            )
+
     def evaluate(self, model: nn.Module, device: torch.device, out_dir: Path | None) -> dict:
         dataset = CocoDetection(self.val_index, self.cfg.data.val.images)
         return evaluate_distributed(
@@ -206,6 +221,14 @@ def _to(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch
     if tensor.is_floating_point():
         return tensor.to(device, dtype, non_blocking=True)
     return tensor.to(device, non_blocking=True)
+
+
+def _check_files_exist(index: CocoIndex, image_dir: str, key: str) -> None:
+    report = CheckReport(index.path)
+    check_image_files({"images": index.images}, image_dir, report, False)
+    if report.errors:
+        more = f" (and {len(report.errors) - 1} more)" if len(report.errors) > 1 else ""
+        raise DataError(f"{report.errors[0]}{more}; check {key}")
 
 
 def _required(path: str, key: str) -> str:
