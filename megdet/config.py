@@ -418,7 +418,11 @@ def _read_yaml(name_or_path: str) -> dict:
         text = resources.files("megdet.configs").joinpath(f"{name_or_path}.yaml").read_text()
         source = f"preset '{name_or_path}'"
     elif path.is_file():
-        text, source = path.read_text(), str(path)
+        source = str(path)
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            raise ConfigError(f"{source}: not a text file (a YAML config is UTF-8 text)") from None
     else:
         raise ConfigError(
             f"--config: '{name_or_path}' is neither a preset ({', '.join(preset_names())}) "

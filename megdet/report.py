@@ -35,7 +35,7 @@ def read_run(run_dir: Path) -> RunLog:
     if not metrics.is_file():
         raise MegdetError(f"{metrics}: not found; pass a folder written by `megdet train`")
     train, evals = [], []
-    lines = metrics.read_text().splitlines()
+    lines = metrics.read_text(errors="replace").splitlines()  # bytes that are not text: bad JSON
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue

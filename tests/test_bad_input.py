@@ -278,3 +278,19 @@ def test_a_missing_val_image_stops_eval_before_the_model_runs(cli, tiny_shapes, 
 
     torch.save({"model": {}, "config": config_to_dict(cfg)}, weights)
     one_line_error(cli("eval", "--weights", weights), "image file not found")
+
+
+def test_files_that_are_not_text_are_one_line(cli, tmp_path):
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(b"\x80\x81\xfe\xff" * 8)
+    one_line_error(cli("plan", "--config", binary), f"{binary}: not a text file")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_bytes(b"\x80\x81\n" + b'{"iter": 1}\n')
+    one_line_error(cli("report", run), "metrics.jsonl:1: not a JSON line")
+    images, labels, _ = _yolo(tmp_path, ["0 0.5 0.5 0.2 0.2"])
+    one_line_error(
+        cli("data", "convert", "--from", "yolo", "--images", images, "--labels", labels,
+            "--names", binary, "--out", tmp_path / "t.json"),
+        f"{binary}: not a text file",
+    )  # fmt: skip

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import PIL.Image
-import yaml
 
 from megdet.atomic import atomic_write_text
+from megdet.config import safe_yaml
 from megdet.data.check import MIN_SIDE, CheckReport, check_structure
 from megdet.errors import DataError, one_line
 
@@ -107,11 +107,11 @@ class Conversion:
 def read_names(path: Path) -> list[str]:
     """Class names from a dataset YAML's ``names``, in class order."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = safe_yaml(Path(path).read_text(), str(path))
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise DataError(f"{path}: not valid YAML ({one_line(exc)})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a text file (a dataset YAML is UTF-8 text)") from None
     names = data.get("names") if isinstance(data, dict) else None
     if isinstance(names, dict):
         if sorted(names) != list(range(len(names))):

@@ -36,7 +36,7 @@ def convert_voc(
     conversion = Conversion(f"Pascal VOC {root} {split}", categories_from(names, ids))
     difficult = 0
     unknown: dict[str, list[str]] = {}
-    for image_id in split_file.read_text().split():
+    for image_id in split_file.read_text(errors="replace").split():
         xml_file = Path(root) / "Annotations" / f"{image_id}.xml"
         try:
             tree = ET.parse(xml_file).getroot()

@@ -170,7 +170,7 @@ def _truncate_metrics(path: Path, iteration: int) -> None:
     if not path.is_file():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
             if json.loads(line)["iter"] <= iteration:
                 kept.append(line)
