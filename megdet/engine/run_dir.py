@@ -23,6 +23,7 @@ import shlex
 import shutil
 import socket
 import sys
+import time
 from pathlib import Path
 
 from megdet.atomic import atomic_write_text
@@ -74,7 +75,7 @@ class RunLock:
         path = self.run_dir / LOCK
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock(fd)
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
@@ -99,6 +100,39 @@ class RunLock:
                 self.run_dir.rmdir()  # only if nothing else was put there
         os.close(self._fd)  # releases the lock
         self._fd = None
+
+
+def _lock(fd: int, orphan_wait_s: float = 15.0) -> None:
+    """``flock`` without blocking, except where the process the lock file names is gone: then
+    what holds the lock is a child it forked (a DataLoader worker, which inherits the open
+    file and notices its parent's death within seconds), so wait for it to exit. A run that
+    torchrun restarts after a SIGKILL takes the lock again this way."""
+    deadline = time.monotonic() + orphan_wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if _holder_alive(_read_holder(fd)) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _holder_alive(holder: str) -> bool:
+    """Whether the process a lock file names (``pid N on HOST: ...``) still runs; True when
+    that cannot be told (another host, an unreadable line)."""
+    words = holder.split()
+    if len(words) < 4 or words[0] != "pid" or not words[1].isdigit():
+        return True
+    if words[3].rstrip(":") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(words[1]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _read_holder(fd: int) -> str:

@@ -20,10 +20,11 @@ from megdet import dist
 from megdet.config import Config, config_to_dict, dump_config
 from megdet.data.sampler import GlobalShuffleSampler
 from megdet.engine.amp import MixedPrecision
-from megdet.engine.checkpoint import LAST, load_model_state, newest_checkpoint, save_checkpoint
+from megdet.engine.checkpoint import LAST, newest_checkpoint, save_checkpoint
 from megdet.engine.events import EventWriter
 from megdet.engine.noise_scale import NoiseScale, split_in_halves
 from megdet.engine.run_dir import settle_replacement, start_run_dir
+from megdet.engine.state import TrainingState
 from megdet.engine.stop import StopRequested, StopSignals
 from megdet.engine.task import Task
 from megdet.errors import MegdetError
@@ -43,15 +44,13 @@ class TrainResult:
 
 
 @dataclass
-class _Training:
-    """What the loop carries besides the model, built once by ``train``."""
+class _Loop:
+    """What the loop needs besides the config and the model, built once by ``train``."""
 
     ddp: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    amp: MixedPrecision
+    state: TrainingState
     loader: torch.utils.data.DataLoader
     about: dict  # what every checkpoint repeats (``_about``)
-    statistics: tuple  # (NoiseScale | None, AGVM | None)
     resumed: bool
 
 
@@ -96,19 +95,19 @@ def train(
     modules = task.parameter_groups(model)
     optimizer = build_optimizer(model, cfg.solver, plan.lr, modules)
     amp = MixedPrecision(cfg.train.amp, ctx.device)
-    start_iter = _restore(found, model, optimizer, amp, plan) if found else 0
     ddp = _data_parallel(model) if ctx.world_size > 1 else model
     noise = module_lr = None
     if plan.agvm_start is not None:  # the plan refused it unless the processes are even
         agvm = cfg.solver.agvm
         module_lr = AGVM([*modules, "other"], plan.agvm_start, agvm.interval, agvm.momentum)
-        module_lr.load_state_dict(found[0].get("module_lr", {}) if found else {})
     if (cfg.train.gns or module_lr) and ctx.world_size > 1:
         halves = split_in_halves(ctx.world_size, ctx.rank) if module_lr else None
         noise = NoiseScale(modules, plan.images_per_device, ctx.world_size, halves=halves)
         noise.attach(ddp)
-        if found:
-            noise.load_state_dict(found[0].get("noise_scale", {}))
+    # Every piece of state a step carries; the checkpoint and the log line are their union.
+    parts = {"amp": amp, "noise_scale": noise, "module_lr": module_lr}
+    state = TrainingState(model, optimizer, parts, quiet=() if cfg.train.gns else ("noise_scale",))
+    start_iter = _restore(found, state, plan) if found else 0
 
     sampler = GlobalShuffleSampler(
         task.num_train_images,
@@ -127,24 +126,23 @@ def train(
         collate_fn=task.collate,
         pin_memory=ctx.device.type == "cuda",
     )
-    state = _Training(ddp, optimizer, amp, loader, about, (noise, module_lr), resumed=resume)
+    loop = _Loop(ddp, state, loader, about, resumed=resume)
     _agreed(task.check_evaluation)  # evaluation reads these at the end: check them now
     if ctx.is_main:  # the run can start: only now does its folder change
         resumed_at = start_iter if resume else None  # 0: resumed with no checkpoint to load
         start_run_dir(run_dir, dump_config(cfg), plan.to_json() + "\n", replace, resumed_at)
     try:
-        return _train_loop(cfg, task, run_dir, ctx, plan, model, start_iter, state)
+        return _train_loop(cfg, task, run_dir, ctx, plan, model, start_iter, loop)
     finally:
         if ctx.is_main:  # a replaced run is deleted once this one has a checkpoint, else back
             settle_replacement(run_dir)
 
 
-def _train_loop(cfg, task, run_dir, ctx, plan, model, start_iter, state) -> TrainResult:
+def _train_loop(cfg, task, run_dir, ctx, plan, model, start_iter, loop: _Loop) -> TrainResult:
     """The loop, from ``start_iter`` to the plan's end."""
-    ddp, optimizer, amp, loader, about = (
-        state.ddp, state.optimizer, state.amp, state.loader, state.about
-    )  # fmt: skip
-    noise, module_lr = stats = state.statistics
+    ddp, loader, state = loop.ddp, loop.loader, loop.state
+    optimizer = state.optimizer
+    amp, noise, module_lr = (state.parts[k] for k in ("amp", "noise_scale", "module_lr"))
     dtype = getattr(torch, cfg.train.dtype)
     events = EventWriter(
         run_dir,
@@ -152,7 +150,7 @@ def _train_loop(cfg, task, run_dir, ctx, plan, model, start_iter, state) -> Trai
         start_iter=start_iter,
         tensorboard=cfg.log.tensorboard,
         enabled=ctx.is_main,
-        resumed=state.resumed,
+        resumed=loop.resumed,
     )
     eval_every = cfg.train.eval_period * plan.iters_per_epoch
     model.train()
@@ -195,28 +193,26 @@ def _train_loop(cfg, task, run_dir, ctx, plan, model, start_iter, state) -> Trai
                 )
                 if math.isfinite(grad_norm):  # before clipping; the same on every rank
                     values["grad_norm"] = grad_norm
-                values.update(amp.statistics())
-                values.update(noise.statistics() if noise and cfg.train.gns else {})
-                values.update(module_lr.statistics() if module_lr else {})
+                values.update(state.statistics())
                 values.update(task.batch_statistics(values, plan.global_batch))
                 events.training(iteration, done / plan.iters_per_epoch, lr, values)
             if done == plan.max_iter:
                 break
             if health[2].item() > 0:  # the all-reduce finished in _stop_if_diverged
                 dist.average_buffers(model)
-                _save(run_dir, model, optimizer, amp, stats, done, about, plan, ctx)
+                _save(run_dir, state, done, loop.about, plan, ctx)
                 events.close()
                 name = stop.signal_name or "a stop signal to another process"
                 raise StopRequested(done, plan.max_iter, name, run_dir / "checkpoints" / LAST)
             if cfg.train.checkpoint_period and done % cfg.train.checkpoint_period == 0:
                 dist.average_buffers(model)
-                _save(run_dir, model, optimizer, amp, stats, done, about, plan, ctx)
+                _save(run_dir, state, done, loop.about, plan, ctx)
             if eval_every and done % eval_every == 0:
                 dist.average_buffers(model)
                 _evaluate(task, model, ctx, run_dir, done, plan, events, announce=True)
 
     dist.average_buffers(model)
-    _save(run_dir, model, optimizer, amp, stats, plan.max_iter, about, plan, ctx)
+    _save(run_dir, state, plan.max_iter, loop.about, plan, ctx)
     metrics = _evaluate(task, model, ctx, run_dir, plan.max_iter, plan, events, announce=False)
     events.close()
     return TrainResult(model, plan, metrics)
@@ -293,28 +289,19 @@ def _find_checkpoint(run_dir: Path, ctx):
     return found
 
 
-def _restore(found, model, optimizer, amp, plan: Plan) -> int:
-    """Load a checkpoint found by ``_find_checkpoint`` into ``model``, ``optimizer`` and the
-    fp16 loss scaler; return the iteration to continue from."""
-    state, path = found
-    saved = state["plan"]
+def _restore(found, state: TrainingState, plan: Plan) -> int:
+    """Load a checkpoint found by ``_find_checkpoint`` into the training state; return the
+    iteration to continue from."""
+    checkpoint, path = found
+    saved = checkpoint["plan"]
     for key in ("global_batch", "iters_per_epoch"):  # max_iter may grow: a longer run
         if saved.get(key) != getattr(plan, key):
             raise MegdetError(
                 f"{path}: was written by a run with {key} {saved.get(key)}, this one has "
                 f"{getattr(plan, key)}; resume with the same config, or start a new --out"
             )
-    load_model_state(model, state["model"], path)
-    try:
-        optimizer.load_state_dict(state["optimizer"])
-    except ValueError as exc:  # e.g. a checkpoint from before per-module parameter groups
-        raise MegdetError(
-            f"{path}: its optimizer state does not fit this model's parameter groups ({exc}); "
-            "start a new --out"
-        ) from None
-    amp.load_state_dict(state.get("amp", {}))
-    torch.set_rng_state(state["rng"]["torch"])
-    start_iter = int(state["iteration"])
+    state.load_state_dict(checkpoint, path)
+    start_iter = int(checkpoint["iteration"])
     log.info("resume: %s, continuing at iteration %d of %d", path, start_iter, plan.max_iter)
     return start_iter
 
@@ -336,23 +323,17 @@ def _about(cfg: Config, plan: Plan, task: Task) -> dict:
     return {"config": config_to_dict(cfg), "plan": plan.to_dict(), "labels": task.labels()}
 
 
-def _save(run_dir, model, optimizer, amp, statistics, iteration, about, plan: Plan, ctx) -> None:
+def _save(run_dir, state: TrainingState, iteration, about, plan: Plan, ctx) -> None:
     """``about``: what every checkpoint of the run repeats (``_about``)."""
-    noise, module_lr = statistics
-    noise_state = noise.state_dict() if noise else {}  # on every rank: its all-reduce
+    entries = state.state_dict()  # on every rank: the noise scale's all-reduce
     if not ctx.is_main:
         return
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "amp": amp.state_dict(),
-        "noise_scale": noise_state,
-        "module_lr": module_lr.state_dict() if module_lr else {},
+    checkpoint = {
+        **entries,
         "iteration": iteration,  # the next iteration to run
         "epoch": iteration // plan.iters_per_epoch,
         "position_in_epoch": iteration % plan.iters_per_epoch,  # global batches done
-        "rng": {"torch": torch.get_rng_state()},
         **about,
     }
-    save_checkpoint(run_dir / "checkpoints" / "last.pt", state)
+    save_checkpoint(run_dir / "checkpoints" / "last.pt", checkpoint)
     settle_replacement(run_dir)  # the first checkpoint: a replaced run can go

@@ -155,3 +155,27 @@ def test_the_val_set_is_checked_before_the_first_iteration(
     one_line_error(proc, message)
     assert "data.val" in proc.stderr
     assert not run.exists()  # not one iteration ran, nothing was written
+
+
+def test_a_lock_kept_by_a_dead_runs_child_is_waited_for(tmp_path):
+    """A DataLoader worker inherits the lock's open file and outlives its killed parent by a
+    few seconds: the restarted run waits for it instead of refusing its own folder."""
+    run = tmp_path / "run"
+    run.mkdir()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    child = (
+        "import fcntl, os, socket, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        f"os.write(fd, f'pid {gone} on {{socket.gethostname()}}: megdet train'.encode())\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(1.5)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", child, str(run / LOCK)],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert holder.stdout.readline().strip() == "locked"
+    lock = RunLock(run)
+    assert lock.acquire() is None  # after the child let go
+    assert holder.wait(timeout=30) == 0
+    lock.release()
