@@ -74,7 +74,7 @@ reproduce: $(STAMP)
 	$(PY) experiments/goyal_warmup.py --seeds 0,1
 	$(PY) experiments/goyal_batch.py --seeds 0
 
-# One row of each study on a quarter of its data, to experiments/results/quick/: about 16 minutes.
+# One row of each study on a quarter of its data, to experiments/results/quick/: about 20 minutes.
 reproduce-quick: $(STAMP)
 	$(PY) experiments/table3_cgbn.py --quick --rows b256
 	$(PY) experiments/table2_no_bn.py --quick --rows b128
@@ -85,6 +85,7 @@ reproduce-quick: $(STAMP)
 	$(PY) experiments/goyal_lr.py --quick --rows b1024-k
 	$(PY) experiments/goyal_warmup.py --quick --rows none
 	$(PY) experiments/goyal_batch.py --quick --rows b256
+	$(PY) experiments/adascale.py --quick --rows b256-adascale
 
 # What bench/device_suite.sh carries to the GPU machine (python 3.12, no registry there).
 device-wheels:

@@ -114,6 +114,11 @@ def run(
         result["gns_per_epoch"] = [
             round(variance[e] / signal[e], 1) if signal.get(e, 0) > 0 else None for e in variance
         ]
+    if training:  # under AdaScale the steps taken are measured, not planned
+        result["steps"] = training[-1]["iter"]
+        if "mean_gain" in training[-1]:
+            result["mean_gain"] = round(training[-1]["mean_gain"], 3)
+            result["images_seen"] = training[-1]["images_seen"]
     plan = json.loads((out / "plan.json").read_text())
     result["plan"] = {k: plan[k] for k in ("global_batch", "lr", "warmup_iters", "max_iter")}
     if not diverged:
@@ -147,10 +152,13 @@ def summarize(
             mean = f"{finals[0]:.2f}" if finals else "—"
         noise = [r["gns_per_epoch"] for r in done if r.get("gns_per_epoch")]
         noise_cell = " / ".join(" ".join(map(_number, n)) for n in noise) or "—"
+        steps = [str(r.get("steps", r["plan"]["max_iter"])) for r in done]
+        gains = " / ".join(f"{r['mean_gain']:.2f}" for r in done if "mean_gain" in r) or "—"
         lines.append([
             row.name, str(plan["global_batch"]), f"{plan['lr']:.3g}", str(plan["warmup_iters"]),
-            str(plan["max_iter"]), mean, " / ".join(f"{f:.2f}" for f in finals) or "—",
-            "; ".join(diverged) or "none", noise_cell, " ".join(row.overrides) or "(preset)",
+            steps[0] if len(set(steps)) == 1 else " / ".join(steps), gains, mean,
+            " / ".join(f"{f:.2f}" for f in finals) or "—", "; ".join(diverged) or "none",
+            noise_cell, " ".join(row.overrides) or "(preset)",
         ])  # fmt: skip
     return lines
 
@@ -163,7 +171,7 @@ def _number(value: float | None) -> str:
 def write_table(
     path: Path, title: str, notes: str, rows: list[Row], results: dict, setting=DETECTION
 ) -> None:
-    header = ["row", "batch", "lr", "warmup it", "iterations",
+    header = ["row", "batch", "lr", "warmup it", "iterations", "mean gain",
               f"final {setting.label} (mean ± sd)", "per seed", "diverged",
               "noise scale per epoch", "overrides"]  # fmt: skip
     table = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]

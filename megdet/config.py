@@ -35,6 +35,7 @@ EVAL_BACKENDS = ("faster", "pycocotools")
 DTYPES = ("float32", "float64")
 AMPS = ("none", "bf16", "fp16")
 MODULE_LRS = ("none", "agvm")
+LR_SCALINGS = ("linear", "adascale")
 TASKS = ("detection", "classification")
 
 
@@ -219,6 +220,12 @@ class SolverConfig:
     # none: one lr for the whole model; agvm: each module group (backbone, FPN, RPN, box
     # head) scaled by how its two half-batch gradients agree, against the backbone's (AGVM).
     module_lr: str = "none"
+    # How the lr follows the batch. linear: lr = base_lr x batch / base_batch, the schedule in
+    # iterations of this batch (Goyal et al.). adascale: each step's lr is its gain r (1 to
+    # batch / base_batch, from the measured gradient noise) x the base batch's lr at progress
+    # tau, and tau advances by r a step through the base batch's schedule (AdaScale, Johnson
+    # et al. 2020); needs 2+ processes (engine/noise_scale.py measures the noise).
+    lr_scaling: str = "linear"
     agvm: AgvmConfig = field(default_factory=AgvmConfig)
 
 
@@ -312,6 +319,7 @@ def validate(cfg: Config) -> None:
         "train.dtype": (cfg.train.dtype, DTYPES),
         "train.amp": (cfg.train.amp, AMPS),
         "solver.module_lr": (cfg.solver.module_lr, MODULE_LRS),
+        "solver.lr_scaling": (cfg.solver.lr_scaling, LR_SCALINGS),
         "task": (cfg.task, TASKS),
         "classification.augment": (cfg.classification.augment, AUGMENTS),
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,9 +105,41 @@ class Plan:
     # solver.module_lr agvm: the first iteration that measures (null: agvm off).
     agvm_start: int | None = None
     agvm_interval: int | None = None
+    # solver.lr_scaling adascale: lr, warmup_iters and milestones are the base batch's, in
+    # its iterations of progress (tau); the run ends when tau reaches progress_iters, after
+    # between min_steps (every gain at its largest, scale) and max_iter steps (gain 1).
+    lr_scaling: str = "linear"
+    scale: float = 1.0  # global batch / base batch
+    progress_per_epoch: int | None = None  # base-batch iterations in an epoch
+    progress_iters: int | None = None
+    min_steps: int | None = None
+
+    @property
+    def adascale(self) -> bool:
+        return self.lr_scaling == "adascale"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def _adascale_summary(self, warmup: str, steps: str, bn: str) -> str:
+        """The plan under AdaScale: the base batch's schedule, and the bounds on the steps."""
+        base = round(self.global_batch / self.scale)
+        cut = (
+            f", cut to {self.max_iter} steps by train.max_iter"
+            if self.max_iter < (self.progress_iters)
+            else ""
+        )
+        return (
+            f"{self.world_size} process(es) x {self.images_per_device} images = global batch "
+            f"{self.global_batch}; AdaScale: each step's lr is its gain (1 to {self.scale:g}, "
+            f"measured) x batch {base}'s lr {self.lr:g} ({warmup}; decay {steps}, in iterations "
+            f"of progress at batch {base}); {self.epochs:g} epochs of progress at batch {base} "
+            f"= {self.progress_iters} iterations: between {self.min_steps} steps (gain "
+            f"{self.scale:g}) and {self.progress_iters} (gain 1){cut}; {self.iters_per_epoch} "
+            f"steps per epoch of data{bn}"
+            + (f"\n{self.memory['summary']}" if self.memory else "")
+            + (f"\n{self.precision_note}" if self.precision_note else "")
+        )
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -128,6 +161,8 @@ class Plan:
         planned = round(self.epochs * self.iters_per_epoch)
         if self.max_iter < planned:
             length = f"{planned} iterations, cut to {self.max_iter} by train.max_iter"
+        if self.adascale:
+            return self._adascale_summary(warmup, steps, bn)
         return (
             f"{self.world_size} process(es) x {self.images_per_device} images = global batch "
             f"{self.global_batch}; lr {self.base_lr:g} x {self.global_batch}/{self.base_batch} = "
@@ -183,6 +218,22 @@ def make_plan(
     solver = cfg.solver
     lr = solver.base_lr * batch / solver.base_batch  # linear scaling rule
     iters_per_epoch = -(-num_train_images // batch)
+    # The schedule's clock: this batch's iterations, or, under AdaScale, the base batch's.
+    schedule_per_epoch = iters_per_epoch
+    adascale = solver.lr_scaling == "adascale"
+    if adascale:
+        if world_size < 2:
+            raise ConfigError(
+                "solver.lr_scaling: adascale measures the gradient noise from two batch sizes "
+                "(each process's and the global one); run 2+ processes (--nproc), or use linear"
+            )
+        if batch < solver.base_batch:
+            raise ConfigError(
+                f"solver.lr_scaling: adascale scales up from solver.base_batch "
+                f"{solver.base_batch}; train.batch_size {batch} is smaller"
+            )
+        lr = solver.base_lr  # the base batch's rate; each step multiplies it by its gain
+        schedule_per_epoch = -(-num_train_images // solver.base_batch)
     if solver.policy == "step":
         factors = solver.factors or [solver.gamma] * len(solver.steps)
         steps, end = list(zip(solver.steps, factors, strict=True)), cfg.train.epochs
@@ -193,12 +244,12 @@ def make_plan(
                 f"train.epochs: {cfg.train.epochs:g} conflicts with solver.policy="
                 f"{solver.policy}, which ends at epoch {end:g}; leave train.epochs unset"
             )
-    max_iter = round(end * iters_per_epoch)
+    max_iter = round(end * schedule_per_epoch)  # adascale: at most one step per base iteration
     if cfg.train.max_iter is not None:
         max_iter = min(max_iter, cfg.train.max_iter)
     warmup_iters = solver.warmup_iters
     if solver.warmup_epochs is not None:
-        warmup_iters = round(solver.warmup_epochs * iters_per_epoch)
+        warmup_iters = round(solver.warmup_epochs * schedule_per_epoch)
     if solver.warmup == "none":
         warmup_iters = 0
     agvm_start = None
@@ -208,7 +259,9 @@ def make_plan(
                 f"solver.module_lr: agvm compares the gradients of two halves of the "
                 f"processes; run an even number of them (--nproc), not {world_size}"
             )
-        agvm_start = warmup_iters
+        # In steps. Under AdaScale the warmup's end in steps is measured, not planned: the
+        # earliest it can come (every gain at its largest) is taken.
+        agvm_start = warmup_iters if not adascale else -(-warmup_iters * solver.base_batch // batch)
         if solver.agvm.start_epochs is not None:
             agvm_start = round(solver.agvm.start_epochs * iters_per_epoch)
     if solver.warmup_factor is None:
@@ -229,13 +282,27 @@ def make_plan(
         iters_per_epoch=iters_per_epoch,
         epochs=end,
         max_iter=max_iter,
-        milestones=[[round(epoch * iters_per_epoch), factor] for epoch, factor in steps],
+        milestones=[[round(epoch * schedule_per_epoch), factor] for epoch, factor in steps],
         bn_groups=bn_groups(cfg, world_size, batch),
         memory=memory_report,
         precision_note=precision_note(cfg.train.amp),
         agvm_start=agvm_start,
         agvm_interval=solver.agvm.interval if agvm_start is not None else None,
+        **(
+            _adascale_fields(batch / solver.base_batch, schedule_per_epoch, end) if adascale else {}
+        ),
     )
+
+
+def _adascale_fields(scale: float, per_epoch: int, epochs: float) -> dict:
+    progress = round(epochs * per_epoch)
+    return {
+        "lr_scaling": "adascale",
+        "scale": scale,
+        "progress_per_epoch": per_epoch,
+        "progress_iters": progress,
+        "min_steps": math.ceil(progress / scale),
+    }
 
 
 def precision_note(amp: str, cpu_flags: set[str] | None = None) -> str | None:

@@ -214,6 +214,8 @@ def write_report(
     written.append(_plot_noise_scale(runs, out_dir / "noise_scale.png", plt, x))
     if any(key.startswith(FACTOR) for run in runs for r in run.train for key in r):
         written.append(_plot_module_lr(runs, out_dir / "module_lr.png", plt, x))
+    if any("gain" in r for run in runs for r in run.train):
+        written.append(_plot_adascale(runs, out_dir / "adascale.png", plt))
 
     if any(f"{sampler}_pos" in r for run in runs for r in run.train for sampler in SAMPLERS):
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -252,6 +254,25 @@ def _plot_noise_scale(runs: list[RunLog], path: Path, plt, x: str) -> Path:
     else:
         ax.text(0.5, 0.5, "no noise scale logged (train.gns with 2+ processes)", ha="center",
                 transform=ax.transAxes)  # fmt: skip
+    return _save(fig, path)
+
+
+def _plot_adascale(runs: list[RunLog], path: Path, plt) -> Path:
+    """Under AdaScale: each step's gain (1 to batch / base batch), and the progress in epochs
+    at the base batch against the steps taken (the linear rule would be a line of slope
+    batch / base batch, the base batch itself one of slope 1)."""
+    fig, (gain_ax, progress_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for run in runs:
+        records = [r for r in run.train if "gain" in r]
+        if not records:
+            continue
+        steps = [r["iter"] for r in records]
+        gain_ax.plot(steps, [r["gain"] for r in records], label=run.name)
+        progress_ax.plot(steps, [r["progress_epochs"] for r in records], label=run.name)
+    gain_ax.set(xlabel="step", ylabel="gain r", title="AdaScale gain per step")
+    progress_ax.set(xlabel="step", ylabel="epochs of progress at the base batch",
+                    title="Progress through the base batch's schedule")  # fmt: skip
+    gain_ax.legend()
     return _save(fig, path)
 
 

@@ -193,6 +193,15 @@ class NoiseScale:
         rows = torch.stack(found, dim=1).tolist()
         return {name: tuple(row) for name, row in zip([*self.names, ""], rows, strict=True)}
 
+    def estimates(self) -> tuple[float, float] | None:
+        """(|G|^2, tr(Sigma)) of all parameters from the bias-corrected EMAs, the same on
+        every rank; None before the first step (AdaScale's gain reads these)."""
+        self._finish()
+        if not self.steps:
+            return None
+        correction = 1 - self.beta**self.steps
+        return float(self.grad_sq[-1] / correction), float(self.grad_var[-1] / correction)
+
     def statistics(self) -> dict[str, float]:
         """``gns``, ``grad_sq``, ``grad_var`` of all parameters and ``*_<group>`` of each
         group, from the bias-corrected EMAs (empty before the first step)."""

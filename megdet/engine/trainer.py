@@ -31,6 +31,7 @@ from megdet.errors import MegdetError
 from megdet.nn import training_norm
 from megdet.plan import Plan, make_plan
 from megdet.solver import build_optimizer, lr_at, set_lr
+from megdet.solver.adascale import AdaScale
 from megdet.solver.module_lr import AGVM
 
 log = logging.getLogger(__name__)
@@ -100,12 +101,16 @@ def train(
     if plan.agvm_start is not None:  # the plan refused it unless the processes are even
         agvm = cfg.solver.agvm
         module_lr = AGVM([*modules, "other"], plan.agvm_start, agvm.interval, agvm.momentum)
-    if (cfg.train.gns or module_lr) and ctx.world_size > 1:
+    adascale = None
+    if plan.adascale:  # the plan refused it on one process
+        adascale = AdaScale(cfg.solver.base_batch, plan.global_batch, plan.progress_per_epoch,
+                            task.num_train_images)  # fmt: skip
+    if (cfg.train.gns or module_lr or adascale) and ctx.world_size > 1:
         halves = split_in_halves(ctx.world_size, ctx.rank) if module_lr else None
         noise = NoiseScale(modules, plan.images_per_device, ctx.world_size, halves=halves)
         noise.attach(ddp)
     # Every piece of state a step carries; the checkpoint and the log line are their union.
-    parts = {"amp": amp, "noise_scale": noise, "module_lr": module_lr}
+    parts = {"amp": amp, "noise_scale": noise, "module_lr": module_lr, "adascale": adascale}
     state = TrainingState(model, optimizer, parts, quiet=() if cfg.train.gns else ("noise_scale",))
     start_iter = _restore(found, state, plan) if found else 0
 
@@ -142,7 +147,9 @@ def _train_loop(cfg, task, run_dir, ctx, plan, model, start_iter, loop: _Loop) -
     """The loop, from ``start_iter`` to the plan's end."""
     ddp, loader, state = loop.ddp, loop.loader, loop.state
     optimizer = state.optimizer
-    amp, noise, module_lr = (state.parts[k] for k in ("amp", "noise_scale", "module_lr"))
+    amp, noise, module_lr, adascale = (
+        state.parts[k] for k in ("amp", "noise_scale", "module_lr", "adascale")
+    )
     dtype = getattr(torch, cfg.train.dtype)
     events = EventWriter(
         run_dir,
@@ -152,11 +159,15 @@ def _train_loop(cfg, task, run_dir, ctx, plan, model, start_iter, loop: _Loop) -
         enabled=ctx.is_main,
         resumed=loop.resumed,
     )
-    eval_every = cfg.train.eval_period * plan.iters_per_epoch
+    # Evaluations every eval_period epochs: of steps, or under AdaScale of progress.
+    eval_every = cfg.train.eval_period * (plan.progress_per_epoch or plan.iters_per_epoch)
+    done = start_iter
+    epoch = _epochs(plan, done, adascale)
     model.train()
     with StopSignals() as stop:
         for iteration, batch in enumerate(loader, start=start_iter):
-            lr = lr_at(plan, iteration)
+            # Under AdaScale: the base batch's lr at this progress, times the gain (below).
+            lr = lr_at(plan, adascale.progress if adascale else iteration)
             measuring = module_lr is not None and module_lr.measures(iteration)
             if measuring:
                 noise.split_next()
@@ -180,13 +191,22 @@ def _train_loop(cfg, task, run_dir, ctx, plan, model, start_iter, loop: _Loop) -
                 noise.measure(model, amp.loss_scale())
             if measuring:  # this step's multipliers, used by this step (as AGVM does)
                 module_lr.update(noise.half_norms())
+            if adascale:  # this step's gain, from this step's estimates (as AGVM's)
+                lr *= adascale.update(noise.estimates())
             set_lr(optimizer, lr, module_lr.factors(iteration) if module_lr else None)
             _clip_gradients(model, grad_norm, cfg.solver.clip_grad_norm)
             amp.step(optimizer, grad_norm)
             events.step()
 
             done = iteration + 1
-            if done % cfg.log.period == 0 or done == plan.max_iter:
+            progress_before = adascale.progress if adascale else 0.0
+            if adascale and math.isfinite(grad_norm):  # not a step fp16's scaler skipped
+                adascale.advance()
+            last = done == plan.max_iter or bool(
+                adascale and adascale.progress >= plan.progress_iters
+            )
+            epoch = _epochs(plan, done, adascale)
+            if done % cfg.log.period == 0 or last:
                 # One collective and one host sync per logged iteration, not per loss term.
                 values = dist.reduce_mean_dict(
                     {**losses, "loss": loss, **task.step_statistics(model)}
@@ -195,8 +215,8 @@ def _train_loop(cfg, task, run_dir, ctx, plan, model, start_iter, loop: _Loop) -
                     values["grad_norm"] = grad_norm
                 values.update(state.statistics())
                 values.update(task.batch_statistics(values, plan.global_batch))
-                events.training(iteration, done / plan.iters_per_epoch, lr, values)
-            if done == plan.max_iter:
+                events.training(iteration, epoch, lr, values)
+            if last:
                 break
             if health[2].item() > 0:  # the all-reduce finished in _stop_if_diverged
                 dist.average_buffers(model)
@@ -207,13 +227,18 @@ def _train_loop(cfg, task, run_dir, ctx, plan, model, start_iter, loop: _Loop) -
             if cfg.train.checkpoint_period and done % cfg.train.checkpoint_period == 0:
                 dist.average_buffers(model)
                 _save(run_dir, state, done, loop.about, plan, ctx)
-            if eval_every and done % eval_every == 0:
+            due = (
+                adascale.crossed(progress_before, eval_every)
+                if adascale
+                else (eval_every and done % eval_every == 0)
+            )
+            if due:
                 dist.average_buffers(model)
-                _evaluate(task, model, ctx, run_dir, done, plan, events, announce=True)
+                _evaluate(task, model, ctx, run_dir, done, epoch, events, announce=True)
 
     dist.average_buffers(model)
-    _save(run_dir, state, plan.max_iter, loop.about, plan, ctx)
-    metrics = _evaluate(task, model, ctx, run_dir, plan.max_iter, plan, events, announce=False)
+    _save(run_dir, state, done, loop.about, plan, ctx)
+    metrics = _evaluate(task, model, ctx, run_dir, done, epoch, events, announce=False)
     events.close()
     return TrainResult(model, plan, metrics)
 
@@ -306,10 +331,17 @@ def _restore(found, state: TrainingState, plan: Plan) -> int:
     return start_iter
 
 
-def _evaluate(task, model, ctx, run_dir, iteration, plan: Plan, events, announce: bool):
+def _epochs(plan: Plan, done: int, adascale: AdaScale | None) -> float:
+    """Epochs after ``done`` steps: of data, or under AdaScale of progress at the base batch
+    (what the schedule, the evaluations and the end follow)."""
+    if adascale:
+        return adascale.progress / plan.progress_per_epoch
+    return done / plan.iters_per_epoch
+
+
+def _evaluate(task, model, ctx, run_dir, iteration, epoch: float, events, announce: bool):
     """Evaluate on every rank; ``announce`` logs the table (the final one is the caller's)."""
     metrics = task.evaluate(model, ctx.device, run_dir / "eval" if ctx.is_main else None)
-    epoch = iteration / plan.iters_per_epoch
     events.evaluation(iteration, epoch, metrics)
     if ctx.is_main and announce:
         log.info("evaluation at iteration %d (epoch %.2f):\n%s", iteration, epoch,

@@ -1,0 +1,35 @@
+"""AdaScale beside the linear rule (issue 25): the demo preset with only ``train.batch_size``
+changed, and with ``solver.lr_scaling=adascale`` besides, batch 16 to 1024.
+
+    python experiments/adascale.py [--rows b16,b256-adascale] [--seeds 0,1] [--quick]
+
+Rows ``bN``: the linear rule, nothing else changed (the demo's own warmup and decays); batch 128
+and above are expected to diverge there (recorded with their iteration and lr). Rows
+``bN-adascale``: the same, with the lr following the measured noise. The table gives, per row,
+the final mmAP, the steps, and, under AdaScale, what the runs' ``metrics.jsonl`` say of the
+gain and the images used. Runs go to ``experiments/runs/adascale/``; the table to
+``experiments/results/adascale.md``.
+"""
+
+from __future__ import annotations
+
+from study import Row, main
+
+BATCHES = (16, 32, 64, 128, 256, 1024)
+ROWS = [Row(f"b{b}", [f"train.batch_size={b}"]) for b in BATCHES] + [
+    Row(f"b{b}-adascale", [f"train.batch_size={b}", "solver.lr_scaling=adascale"])
+    for b in BATCHES[1:]
+]
+
+if __name__ == "__main__":
+    main(
+        "adascale",
+        __doc__,
+        "AdaScale vs the linear rule: the demo preset, only the batch changed (issue 25)",
+        "Demo detector (`--config default`), 2 gloo processes, CGBN over both, 8,000 shapes "
+        "images at 64 px (val: 500), 7 epochs (of progress at batch 16 under AdaScale), the "
+        "demo's warmup and decays unchanged; lr 0.04 per 16 images (linear) or 0.04 x the "
+        "measured gain (AdaScale).",
+        ROWS,
+        report=True,
+    )

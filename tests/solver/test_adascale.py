@@ -1,0 +1,216 @@
+"""AdaScale (``solver.lr_scaling: adascale``, issue 25 part 1): the gain against the paper's
+formula in float64 and against fairscale's AdaScale on the same gradients; the plan's bounds;
+with scale 1 the run is bitwise the linear rule's; exact resume."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from megdet import dist
+from megdet.config import load_config
+from megdet.engine.noise_scale import NoiseScale
+from megdet.engine.trainer import train
+from megdet.errors import ConfigError
+from megdet.plan import make_plan
+from megdet.report import write_report
+from megdet.solver.adascale import AdaScale, adascale_gain
+from megdet.tasks.detection.task import DetectionTask
+from tests.conftest import instant_overrides
+from tests.distributed import run_in_processes
+
+PER_PROCESS = 3
+
+
+def test_the_gain_is_the_papers_formula_within_its_bounds():
+    grad_sq, grad_var = 0.3, 12.0  # noise scale 40
+    for base, batch in ((16, 32), (16, 256), (8, 1024)):
+        expected = (grad_var / base + grad_sq) / (grad_var / batch + grad_sq)
+        assert adascale_gain(grad_sq, grad_var, base, batch) == pytest.approx(expected, rel=1e-15)
+        assert 1 < expected < batch / base
+    assert adascale_gain(0.3, 12.0, 16, 16) == 1.0  # scale 1: the base schedule itself
+    assert adascale_gain(0.0, 12.0, 16, 256) == 16.0  # all noise: the linear rule
+    assert adascale_gain(-0.1, 12.0, 16, 256) == 16.0  # an estimate of |G|^2 below 0
+    assert adascale_gain(0.3, 0.0, 16, 256) == 1.0  # no noise: a larger batch buys nothing
+    assert adascale_gain(float("nan"), 12.0, 16, 256) == 1.0
+    # Noise scale far above the batch: nearly linear; far below: nearly 1.
+    assert adascale_gain(1e-6, 1.0, 16, 256) > 15.9
+    assert adascale_gain(1.0, 1e-3, 16, 256) < 1.001
+
+
+def test_progress_advances_by_the_gain_and_resumes_from_its_state():
+    scale = AdaScale(base_batch=16, batch=64, per_epoch=10, num_images=160)
+    for estimates in (None, (0.3, 12.0), (0.0, 5.0)):
+        scale.update(estimates)
+        scale.advance()
+    first = adascale_gain(0.3, 12.0, 16, 64)
+    assert scale.progress == pytest.approx(1 + first + 4)
+    stats = scale.statistics()
+    assert stats["gain"] == 4.0 and stats["mean_gain"] == pytest.approx((5 + first) / 3)
+    assert stats["images_seen"] == 192 and stats["data_epochs"] == pytest.approx(1.2)
+    assert stats["progress_epochs"] == pytest.approx(scale.progress / 10)
+    again = AdaScale(16, 64, 10, 160)
+    again.load_state_dict(scale.state_dict())
+    assert again.state_dict() == scale.state_dict()
+    assert again.crossed(4.5, 5) is True and again.crossed(scale.progress, 5) is False
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+
+
+def _data(total: int):
+    """Targets offset from zero: a gradient with a direction, so that the one-step estimate
+    of |G|^2 is well above 0 and the gain inside its bounds."""
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(total, 3, generator=generator, dtype=torch.float64)
+    targets = torch.randn(total, 2, generator=generator, dtype=torch.float64) + 1.5
+    return inputs, targets
+
+
+def _gains(rank, world_size):
+    """One step of a DDP model: megdet's gain from the noise scale's estimates, and the same
+    in float64 from the processes' gradients themselves (McCandlish et al.'s estimators)."""
+    model = _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    noise = NoiseScale({"all": list(model.parameters())}, PER_PROCESS, world_size)
+    noise.attach(ddp)
+    inputs, targets = _data(PER_PROCESS * world_size)
+    mine = slice(rank * PER_PROCESS, (rank + 1) * PER_PROCESS)
+    ((ddp(inputs[mine]) - targets[mine]) ** 2).sum(1).mean().backward()
+    noise.measure(model)
+    ours = adascale_gain(*noise.estimates(), PER_PROCESS, PER_PROCESS * world_size)
+    averaged = torch.cat([p.grad.flatten() for p in model.parameters()])
+    per_process = [_gradient(part, world_size) for part in range(world_size)]
+    small, big = PER_PROCESS, PER_PROCESS * world_size
+    mean_small = sum(float(g.square().sum()) for g in per_process) / world_size
+    total = float(averaged.square().sum())
+    grad_sq = (big * total - small * mean_small) / (big - small)
+    grad_var = (mean_small - total) / (1 / small - 1 / big)
+    paper = (grad_var / small + grad_sq) / (grad_var / big + grad_sq)
+    return {"ours": ours, "paper": paper}
+
+
+def _gradient(part: int, world_size: int) -> torch.Tensor:
+    """Process ``part``'s gradient, computed alone (float64)."""
+    model = _model()
+    inputs, targets = _data(PER_PROCESS * world_size)
+    rows = slice(part * PER_PROCESS, (part + 1) * PER_PROCESS)
+    ((model(inputs[rows]) - targets[rows]) ** 2).sum(1).mean().backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_the_gain_from_the_noise_scale_equals_the_papers_formula_in_float64(world_size):
+    results = run_in_processes(_gains, world_size)
+    for result in results:
+        assert result["ours"] == results[0]["ours"]  # every rank the same
+        assert result["ours"] == pytest.approx(result["paper"], rel=1e-10)
+    assert 1 < results[0]["ours"] < world_size  # the formula was exercised, not a bound
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_the_gain_equals_fairscales_adascale_on_the_same_gradients(world_size):
+    """fairscale's estimator over k gradient accumulations of b images is its estimator over
+    k processes (it says so); fed the processes' gradients, it gives megdet's gain."""
+    pytest.importorskip("fairscale", reason="fairscale==0.4.13 is not installed here")
+    from fairscale.optim import AdaScale as FairscaleAdaScale
+
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    reference = FairscaleAdaScale(optimizer, world_size=1, smoothing=0.0,
+                                  num_gradients_to_accumulate=world_size,
+                                  is_scaled_loss=False)  # fmt: skip
+    inputs, targets = _data(PER_PROCESS * world_size)
+    for part in range(world_size):
+        rows = slice(part * PER_PROCESS, (part + 1) * PER_PROCESS)
+        ((model(inputs[rows]) - targets[rows]) ** 2).sum(1).mean().backward()
+    ours = run_in_processes(_gains, world_size)[0]["ours"]
+    assert reference.gain() == pytest.approx(ours, rel=1e-6)
+
+
+def _cfg(root, *extra):
+    return load_config("instant_test", [*instant_overrides(root), *extra])
+
+
+def test_the_plan_bounds_the_steps_and_refuses_what_cannot_work(tiny_shapes):
+    cfg = _cfg(tiny_shapes, "solver.lr_scaling=adascale", "train.batch_size=64",
+               "train.epochs=10", "solver.steps=[8]")  # fmt: skip
+    plan = make_plan(cfg, 2, 160)
+    assert (plan.scale, plan.progress_per_epoch, plan.progress_iters) == (8.0, 20, 200)
+    assert (plan.min_steps, plan.max_iter, plan.lr) == (25, 200, 0.02)
+    assert plan.milestones == [[160, 0.1]]  # in iterations of progress at batch 8
+    assert "between 25 steps (gain 8) and 200 (gain 1)" in plan.summary()
+    with pytest.raises(ConfigError, match="run 2\\+ processes"):
+        make_plan(cfg, 1, 160)
+    small = _cfg(tiny_shapes, "solver.lr_scaling=adascale", "train.batch_size=4")
+    with pytest.raises(ConfigError, match="train.batch_size 4 is smaller"):
+        make_plan(small, 2, 160)
+
+
+def _train(rank, world_size, root, run_dir, extra, resume=False):
+    cfg = _cfg(root, "train.checkpoint_period=3", "log.period=1", "model.norm=cgbn",
+               "data.hflip=true", *extra)  # fmt: skip
+    result = train(cfg, DetectionTask(cfg), run_dir, dist.init_distributed(), resume=resume)
+    return {k: v for k, v in result.model.state_dict().items() if v.is_floating_point()}
+
+
+def _records(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if "loss" in json.loads(line)]
+
+
+@pytest.mark.slow
+def test_with_scale_1_the_run_is_bitwise_the_linear_rules(tiny_shapes, tmp_path):
+    """Batch 8 = base batch 8 on 2 processes: every gain is 1, progress is the step count."""
+    runs = {}
+    for rule in ("linear", "adascale"):
+        (tmp_path / rule).mkdir()
+        extra = [f"solver.lr_scaling={rule}", "train.max_iter=6"]
+        runs[rule] = run_in_processes(_train, 2, tiny_shapes, tmp_path / rule, extra)[0]
+    for key, value in runs["linear"].items():
+        assert torch.equal(runs["adascale"][key], value), key
+    linear, adascale = _records(tmp_path / "linear"), _records(tmp_path / "adascale")
+    assert [r["lr"] for r in adascale] == [r["lr"] for r in linear]
+    assert [r["gain"] for r in adascale] == [1.0] * 6
+    assert adascale[-1]["progress_epochs"] == 3.0  # 6 base iterations, 2 an epoch
+
+
+@pytest.mark.slow
+def test_adascale_ends_by_progress_and_resumes_bitwise(tiny_shapes, tmp_path):
+    """Batch 16 over base 8 (scale 2) for 4 epochs of progress (8 base iterations): it ends
+    when progress reaches 8, in fewer steps; stopped at step 3 and resumed, the same run."""
+    extra = ["solver.lr_scaling=adascale", "train.batch_size=16", "train.epochs=4",
+             "solver.steps=[3]", "solver.warmup_iters=2"]  # fmt: skip
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    straight.mkdir()
+    split.mkdir()
+    expected = run_in_processes(_train, 2, tiny_shapes, straight, extra)[0]
+    records = _records(straight)
+    steps = len(records)
+    assert 4 <= steps < 8 and records[-1]["progress_epochs"] >= 4.0
+    assert records[-2]["progress_epochs"] < 4.0  # it stopped at the first step past the end
+    assert all(1 <= r["gain"] <= 2 for r in records) and records[-1]["mean_gain"] > 1
+    assert records[-1]["images_seen"] == 16 * steps
+    # The lr is the gain times the base schedule at the progress before the step.
+    plan = json.loads((straight / "plan.json").read_text())
+    progress = 0.0
+    for record in records:
+        base = plan["lr"] * (0.1 if progress >= plan["milestones"][0][0] else 1)
+        if progress < plan["warmup_iters"]:
+            alpha = progress / plan["warmup_iters"]
+            base = plan["warmup_start_lr"] + (plan["lr"] - plan["warmup_start_lr"]) * alpha
+        assert record["lr"] == pytest.approx(record["gain"] * base, rel=1e-12)
+        progress += record["gain"]
+
+    run_in_processes(_train, 2, tiny_shapes, split, [*extra, "train.max_iter=3"])
+    resumed = run_in_processes(_train, 2, tiny_shapes, split, extra, True)[0]
+    for key, value in expected.items():
+        assert torch.equal(resumed[key], value), key
+    assert [r["gain"] for r in _records(split)] == [r["gain"] for r in records]
+    state = torch.load(split / "checkpoints" / "last.pt", weights_only=True)
+    assert state["adascale"]["steps"] == steps and state["iteration"] == steps
+    written = write_report([straight], tmp_path / "report")
+    assert tmp_path / "report" / "adascale.png" in written
