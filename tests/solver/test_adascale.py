@@ -2,7 +2,9 @@
 formula in float64 and against fairscale's AdaScale on the same gradients; the plan's bounds;
 with scale 1 the run is bitwise the linear rule's; exact resume."""
 
+import itertools
 import json
+import math
 
 import pytest
 import torch
@@ -91,6 +93,72 @@ def _gains(rank, world_size):
     grad_var = (mean_small - total) / (1 / small - 1 / big)
     paper = (grad_var / small + grad_sq) / (grad_var / big + grad_sq)
     return {"ours": ours, "paper": paper}
+
+
+def _measured_gain(rank, world_size, per_process, base_batch=2):
+    """megdet's gain after one step of ``world_size`` x ``per_process`` images (base 2)."""
+    model = _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    noise = NoiseScale({"all": list(model.parameters())}, per_process, world_size)
+    noise.attach(ddp)
+    inputs, targets = _data(per_process * world_size)
+    mine = slice(rank * per_process, (rank + 1) * per_process)
+    ((ddp(inputs[mine]) - targets[mine]) ** 2).sum(1).mean().backward()
+    noise.measure(model)
+    return adascale_gain(*noise.estimates(), base_batch, per_process * world_size)
+
+
+def _split_gain(gradients: torch.Tensor, groups: list[list[int]], base_batch: int) -> float:
+    """The estimator's gain (float64) when the images' gradients are averaged in ``groups``."""
+    small, big = len(groups[0]), gradients.shape[0]
+    mean_small = sum(float(gradients[g].mean(0).square().sum()) for g in groups) / len(groups)
+    total = float(gradients.mean(0).square().sum())
+    grad_sq = (big * total - small * mean_small) / (big - small)
+    grad_var = (mean_small - total) / (1 / small - 1 / big)
+    return adascale_gain(grad_sq, grad_var, base_batch, big)
+
+
+def _splits(images: int, size: int):
+    """Every way to cut ``images`` into groups of ``size`` (as sets)."""
+
+    def cut(rest):
+        if not rest:
+            yield []
+            return
+        first, others = rest[0], rest[1:]
+        for mates in itertools.combinations(others, size - 1):
+            left = [i for i in others if i not in mates]
+            for tail in cut(left):
+                yield [[first, *mates], *tail]
+
+    yield from cut(list(range(images)))
+
+
+@pytest.mark.slow
+def test_2x4_and_4x2_give_the_same_gain_to_the_estimators_spread():
+    """Not bitwise (the estimate depends on how the batch is split): the gains measured over
+    2 x 4 and 4 x 2 images (float64, the same 8 images) differ by less than 3 standard
+    deviations of the estimator over every possible split of those images."""
+    model = _model()
+    inputs, targets = _data(8)
+    per_image = []
+    for x, y in zip(inputs, targets, strict=True):
+        model.zero_grad()
+        ((model(x[None]) - y[None]) ** 2).sum(1).mean().backward()
+        per_image.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    gradients = torch.stack(per_image)
+    spread = {}
+    for size in (4, 2):
+        gains = torch.tensor([_split_gain(gradients, s, 2) for s in _splits(8, size)])
+        spread[size] = (float(gains.mean()), float(gains.std()))
+    two = run_in_processes(_measured_gain, 2, 4)[0]
+    four = run_in_processes(_measured_gain, 4, 2)[0]
+    contiguous = {size: [list(range(i, i + size)) for i in range(0, 8, size)] for size in (4, 2)}
+    assert two == pytest.approx(_split_gain(gradients, contiguous[4], 2), rel=1e-10)
+    assert four == pytest.approx(_split_gain(gradients, contiguous[2], 2), rel=1e-10)
+    sd = math.hypot(spread[4][1], spread[2][1])
+    assert min(two, four) > 1 and max(two, four) < 4  # inside the bounds: not clamped
+    assert sd > 0 and abs(two - four) < 3 * sd, (two, four, spread)
 
 
 def _gradient(part: int, world_size: int) -> torch.Tensor:
