@@ -49,7 +49,14 @@ class EventWriter:
         if self._bar is not None:
             self._bar.update(1)
 
-    def training(self, iteration: int, epoch: float, lr: float, losses: dict[str, float]) -> None:
+    def training(
+        self,
+        iteration: int,
+        epoch: float,
+        lr: float,
+        losses: dict[str, float],
+        remaining: int | None = None,
+    ) -> None:
         """Scalars after ``iteration`` (0-based) finished; also the console line with ETA.
 
         ``losses`` holds ``loss``, the ``loss_*`` terms, and any other per-iteration scalar
@@ -67,7 +74,9 @@ class EventWriter:
             for key, value in record.items():
                 if key not in ("iter", "epoch"):
                     self._tb.add_scalar(f"train/{key}", value, iteration + 1)
-        eta = seconds_per_iter * (self.max_iter - iteration - 1)
+        # ``remaining``: the steps left where they are measured, not planned (AdaScale).
+        left = self.max_iter - iteration - 1 if remaining is None else remaining
+        eta = seconds_per_iter * left
         terms = " ".join(f"{k} {v:.3f}" for k, v in losses.items() if k.startswith("loss_"))
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{lr:.4g}")

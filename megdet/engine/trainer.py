@@ -215,7 +215,7 @@ def _train_loop(cfg, task, run_dir, ctx, plan, model, start_iter, loop: _Loop) -
                     values["grad_norm"] = grad_norm
                 values.update(state.statistics())
                 values.update(task.batch_statistics(values, plan.global_batch))
-                events.training(iteration, epoch, lr, values)
+                events.training(iteration, epoch, lr, values, _steps_left(plan, adascale))
             if last:
                 break
             if health[2].item() > 0:  # the all-reduce finished in _stop_if_diverged
@@ -329,6 +329,14 @@ def _restore(found, state: TrainingState, plan: Plan) -> int:
     start_iter = int(checkpoint["iteration"])
     log.info("resume: %s, continuing at iteration %d of %d", path, start_iter, plan.max_iter)
     return start_iter
+
+
+def _steps_left(plan: Plan, adascale: AdaScale | None) -> int | None:
+    """Under AdaScale, the steps to the end at the mean gain so far (for the ETA)."""
+    if not adascale or not adascale.steps:
+        return None
+    mean_gain = adascale.gain_sum / adascale.steps
+    return max(0, math.ceil((plan.progress_iters - adascale.progress) / mean_gain))
 
 
 def _epochs(plan: Plan, done: int, adascale: AdaScale | None) -> float:
