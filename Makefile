@@ -59,7 +59,7 @@ bench-roi: $(STAMP) $(SHAPES)
 	$(PY) bench/roi_batch_tradeoff.py --values 32,64,128,256,512 --record
 
 # Issue 13's large-batch studies, each run a plain `megdet train` (README: "Does large batch work?").
-# Every study, at the seeds of the committed tables: about 9 hours on 2 cores. A stopped study
+# Every study, at the seeds of the committed tables: about 9.5 hours on 2 cores. A stopped study
 # continues where it stopped (finished runs are kept in experiments/runs/).
 reproduce: $(STAMP)
 	$(PY) experiments/table3_cgbn.py --seeds 0,1,2
@@ -73,6 +73,7 @@ reproduce: $(STAMP)
 	$(PY) experiments/goyal_lr.py --seeds 0,1
 	$(PY) experiments/goyal_warmup.py --seeds 0,1
 	$(PY) experiments/goyal_batch.py --seeds 0
+	$(PY) experiments/adascale.py --seeds 0 --rows b16,b256,b64-adascale,b256-adascale
 
 # One row of each study on a quarter of its data, to experiments/results/quick/: about 20 minutes.
 reproduce-quick: $(STAMP)
