@@ -72,31 +72,8 @@ def _data(total: int):
     return inputs, targets
 
 
-def _gains(rank, world_size):
-    """One step of a DDP model: megdet's gain from the noise scale's estimates, and the same
-    in float64 from the processes' gradients themselves (McCandlish et al.'s estimators)."""
-    model = _model()
-    ddp = nn.parallel.DistributedDataParallel(model)
-    noise = NoiseScale({"all": list(model.parameters())}, PER_PROCESS, world_size)
-    noise.attach(ddp)
-    inputs, targets = _data(PER_PROCESS * world_size)
-    mine = slice(rank * PER_PROCESS, (rank + 1) * PER_PROCESS)
-    ((ddp(inputs[mine]) - targets[mine]) ** 2).sum(1).mean().backward()
-    noise.measure(model)
-    ours = adascale_gain(*noise.estimates(), PER_PROCESS, PER_PROCESS * world_size)
-    averaged = torch.cat([p.grad.flatten() for p in model.parameters()])
-    per_process = [_gradient(part, world_size) for part in range(world_size)]
-    small, big = PER_PROCESS, PER_PROCESS * world_size
-    mean_small = sum(float(g.square().sum()) for g in per_process) / world_size
-    total = float(averaged.square().sum())
-    grad_sq = (big * total - small * mean_small) / (big - small)
-    grad_var = (mean_small - total) / (1 / small - 1 / big)
-    paper = (grad_var / small + grad_sq) / (grad_var / big + grad_sq)
-    return {"ours": ours, "paper": paper}
-
-
-def _measured_gain(rank, world_size, per_process, base_batch=2):
-    """megdet's gain after one step of ``world_size`` x ``per_process`` images (base 2)."""
+def _step(rank, world_size, per_process):
+    """One DDP step of ``world_size`` x ``per_process`` images, measured by the noise scale."""
     model = _model()
     ddp = nn.parallel.DistributedDataParallel(model)
     noise = NoiseScale({"all": list(model.parameters())}, per_process, world_size)
@@ -105,17 +82,45 @@ def _measured_gain(rank, world_size, per_process, base_batch=2):
     mine = slice(rank * per_process, (rank + 1) * per_process)
     ((ddp(inputs[mine]) - targets[mine]) ** 2).sum(1).mean().backward()
     noise.measure(model)
+    return model, noise
+
+
+def _measured_gain(rank, world_size, per_process, base_batch=2):
+    """megdet's gain after one step (base batch 2 unless given)."""
+    _, noise = _step(rank, world_size, per_process)
     return adascale_gain(*noise.estimates(), base_batch, per_process * world_size)
 
 
+def _gains(rank, world_size):
+    """One step of a DDP model: megdet's gain from the noise scale's estimates, and the same
+    in float64 from the processes' gradients themselves."""
+    model, noise = _step(rank, world_size, PER_PROCESS)
+    ours = adascale_gain(*noise.estimates(), PER_PROCESS, PER_PROCESS * world_size)
+    averaged = torch.cat([p.grad.flatten() for p in model.parameters()])
+    per_process = [_gradient(part, world_size) for part in range(world_size)]
+    paper = _paper_gain(per_process, averaged, PER_PROCESS, PER_PROCESS * world_size, PER_PROCESS)
+    return {"ours": ours, "paper": paper}
+
+
+def _paper_gain(
+    group_gradients: list[torch.Tensor], total: torch.Tensor, small: int, big: int, base: int
+) -> float:
+    """The paper's gain in float64, unclamped: McCandlish et al.'s estimators of |G|^2 and
+    tr(Sigma) from the groups' mean gradients (``small`` images each) and the batch's."""
+    mean_small = sum(float(g.square().sum()) for g in group_gradients) / len(group_gradients)
+    total_sq = float(total.square().sum())
+    grad_sq = (big * total_sq - small * mean_small) / (big - small)
+    grad_var = (mean_small - total_sq) / (1 / small - 1 / big)
+    return (grad_var / base + grad_sq) / (grad_var / big + grad_sq)
+
+
 def _split_gain(gradients: torch.Tensor, groups: list[list[int]], base_batch: int) -> float:
-    """The estimator's gain (float64) when the images' gradients are averaged in ``groups``."""
-    small, big = len(groups[0]), gradients.shape[0]
-    mean_small = sum(float(gradients[g].mean(0).square().sum()) for g in groups) / len(groups)
-    total = float(gradients.mean(0).square().sum())
-    grad_sq = (big * total - small * mean_small) / (big - small)
-    grad_var = (mean_small - total) / (1 / small - 1 / big)
-    return adascale_gain(grad_sq, grad_var, base_batch, big)
+    """The gain (float64) when the images' gradients are averaged in ``groups``, within its
+    bounds as megdet's."""
+    big = gradients.shape[0]
+    means = [gradients[g].mean(0) for g in groups]
+    gain = _paper_gain(means, gradients.mean(0), len(groups[0]), big, base_batch)
+    return min(max(gain, 1.0), big / base_batch)
 
 
 def _splits(images: int, size: int):
