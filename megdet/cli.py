@@ -224,8 +224,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.seed=1")
         p.add_argument("--nproc", type=int, default=1, help="local processes (torchrun)")
 
-    plan = commands.add_parser("plan", help="print what a run will do, before training")
-    config_args(plan)
+    plan = commands.add_parser(
+        "plan",
+        help="print what a run will do, before training; or, with --from RUN, project the "
+        "time to RUN's accuracy on k devices",
+    )
+    config_args(plan, required=False)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("--lr-at", metavar="I,J,...", help="also print the lr at these iterations")
     plan.add_argument(
@@ -233,6 +237,42 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also measure memory per image with and without train.checkpointing (seconds)",
     )
+    project = plan.add_argument_group(
+        "projection (--from)",
+        "steps from RUN's logged gradient noise scale, step time measured here (megdet/"
+        "projection.py); writes RUN/projection.json, which megdet report draws",
+    )
+    project.add_argument("--from", dest="from_run", type=Path, metavar="RUN",
+                         help="a finished run of 2+ processes (train.gns: true)")  # fmt: skip
+    project.add_argument("--devices", default="8,16,32,64,128", metavar="K,...",
+                         help="device counts (default: %(default)s)")  # fmt: skip
+    project.add_argument("--images-per-device", metavar="N,...",
+                         help="images per device to try (default: powers of 2 that fit "
+                         "train.memory_budget_gb, up to 64)")  # fmt: skip
+    project.add_argument("--batches", metavar="B,...",
+                         help="global batches to try instead (each device count that divides "
+                         "them)")  # fmt: skip
+    project.add_argument(
+        "--bandwidth",
+        type=float,
+        metavar="GB/s",
+        help="all-reduce bus bandwidth (default: gloo's, measured here)",
+    )
+    project.add_argument(
+        "--target",
+        type=float,
+        metavar="PERCENT",
+        help="the accuracy to reach, in the run's metric (default: its final)",
+    )
+    project.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        help="where to time the steps (default: cuda if there is one)",
+    )
+    project.add_argument("--pace", choices=("module", "model"), default="module",
+                         help="whose noise scale sets the steps: the module group that needs "
+                         "the most (default), or the whole model's")  # fmt: skip
+    project.add_argument("--out", type=Path, help="projection JSON (default RUN/projection.json)")
     plan.set_defaults(handler=_cmd_plan)
 
     train = commands.add_parser("train", help="train (a detector, or what the config's task says)")
@@ -397,6 +437,10 @@ def _cmd_plan(args) -> int:
     from megdet.solver import lr_at
     from megdet.tasks import build_task
 
+    if args.from_run is not None:
+        return _cmd_plan_from(args)
+    if args.config is None:
+        raise MegdetError("plan: give --config (what a run will do) or --from RUN (a projection)")
     cfg = load_config(args.config, args.overrides)
     validate_initialization(cfg)
     task = build_task(cfg)  # the counts and the memory estimate training uses
@@ -425,6 +469,72 @@ def _cmd_plan(args) -> int:
         print(plan.summary())
         for it, lr in lr_at_iters.items():
             print(f"lr at iteration {it}: {lr:.6g}")
+    return 0
+
+
+def _numbers(flag: str, text: str | None) -> list[int] | None:
+    """A flag's comma-separated positive integers, or a one-line error."""
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise MegdetError(f"{flag}: expected positive integers like 8,16,32, got {text}")
+    return values
+
+
+def _cmd_plan_from(args) -> int:
+    """``plan --from RUN``: RUN's steps carried to other batches, times measured here."""
+    import json
+
+    import torch
+
+    from megdet import projection
+    from megdet.atomic import atomic_write_text
+    from megdet.tasks import build_task
+
+    if args.config or args.overrides:
+        raise MegdetError("plan --from: the run's own config.yaml is used; drop --config")
+    run = projection.summarize_run(args.from_run)
+    devices = _numbers("--devices", args.devices)
+    per_device = _numbers("--images-per-device", args.images_per_device)
+    batches = _numbers("--batches", args.batches)
+    if args.bandwidth is not None and not args.bandwidth > 0:
+        raise MegdetError(f"--bandwidth: must be > 0 GB/s, got {args.bandwidth:g}")
+    target = run.final if args.target is None else args.target
+    until = run.reached(target)
+    if until is None:
+        best = (min if run.lower_is_better else max)(v for _, v in run.evals)
+        raise MegdetError(
+            f"--target: {run.path} never reached {run.metric} {target:g} (its best: {best:.2f}); "
+            "give a level it reached"
+        )
+    cfg = load_config(str(run.path / "config.yaml"), [])
+    task = build_task(cfg)
+    if not batches and not per_device:
+        memory = task.estimate_memory()
+        fit = memory.images_that_fit(cfg.train.checkpointing, cfg.train.memory_budget_gb)
+        per_device = [2**i for i in range(7) if 2**i <= max(1, min(fit, 64))]
+    device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise MegdetError("--device cuda: no CUDA device here; use --device cpu")
+    n = run.images_per_device
+    counts = (max(1, n // 2), n) if n > 1 else (1, 2)
+    timed = projection.measure_step_time(task, cfg, counts, torch.device(device_name))
+    bandwidth = (
+        args.bandwidth * 1e9
+        if args.bandwidth
+        else projection.measure_bus_bandwidth(timed["gradient_bytes"])
+    )
+    step_time = projection.fit_step_time(timed["seconds"], timed["gradient_bytes"], bandwidth)
+    rows = projection.project(run, step_time, devices, per_device, batches, until, args.pace)
+    print(projection.format_projection(run, step_time, rows, target, until, args.pace))
+    out = args.out or run.path / "projection.json"
+    document = projection.projection_dict(run, step_time, rows, target, args.pace)
+    atomic_write_text(out, json.dumps(document, indent=1) + "\n")
+    print(f"written: {out}")
     return 0
 
 

@@ -113,6 +113,8 @@ class Plan:
     progress_per_epoch: int | None = None  # base-batch iterations in an epoch
     progress_iters: int | None = None
     min_steps: int | None = None
+    lr_scaling_note: str | None = None  # solver.lr_scaling auto: the rule taken and why
+    adascale_per_module: bool = False  # a gain per module group (solver.adascale.per_module)
 
     @property
     def adascale(self) -> bool:
@@ -132,14 +134,18 @@ class Plan:
         return (
             f"{self.world_size} process(es) x {self.images_per_device} images = global batch "
             f"{self.global_batch}; AdaScale: each step's lr is its gain (1 to {self.scale:g}, "
-            f"measured) x batch {base}'s lr {self.lr:g} ({warmup}; decay {steps}, in iterations "
+            f"measured{', per module group' if self.adascale_per_module else ''}) x batch "
+            f"{base}'s lr {self.lr:g} ({warmup}; decay {steps}, in iterations "
             f"of progress at batch {base}); {self.epochs:g} epochs of progress at batch {base} "
             f"= {self.progress_iters} iterations: between {self.min_steps} steps (gain "
             f"{self.scale:g}) and {self.progress_iters} (gain 1){cut}; {self.iters_per_epoch} "
-            f"steps per epoch of data{bn}"
-            + (f"\n{self.memory['summary']}" if self.memory else "")
-            + (f"\n{self.precision_note}" if self.precision_note else "")
+            f"steps per epoch of data{bn}" + self._notes()
         )
+
+    def _notes(self) -> str:
+        """The lines under the summary: measured memory, precision, the lr rule taken."""
+        notes = [self.memory["summary"] if self.memory else None, self.precision_note]
+        return "".join(f"\n{note}" for note in [*notes, self.lr_scaling_note] if note)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -174,8 +180,7 @@ class Plan:
                 if self.agvm_start is not None
                 else ""
             )
-            + (f"\n{self.memory['summary']}" if self.memory else "")
-            + (f"\n{self.precision_note}" if self.precision_note else "")
+            + self._notes()
         )
 
 
@@ -220,7 +225,8 @@ def make_plan(
     iters_per_epoch = -(-num_train_images // batch)
     # The schedule's clock: this batch's iterations, or, under AdaScale, the base batch's.
     schedule_per_epoch = iters_per_epoch
-    adascale = solver.lr_scaling == "adascale"
+    rule, rule_note = _lr_scaling(solver.lr_scaling, world_size, batch, solver.base_batch)
+    adascale = rule == "adascale"
     if adascale:
         if world_size < 2:
             raise ConfigError(
@@ -288,16 +294,44 @@ def make_plan(
         precision_note=precision_note(cfg.train.amp),
         agvm_start=agvm_start,
         agvm_interval=solver.agvm.interval if agvm_start is not None else None,
+        lr_scaling_note=rule_note,
         **(
-            _adascale_fields(batch / solver.base_batch, schedule_per_epoch, end) if adascale else {}
+            _adascale_fields(
+                batch / solver.base_batch, schedule_per_epoch, end, solver.adascale.per_module
+            )
+            if adascale
+            else {}
         ),
     )
 
 
-def _adascale_fields(scale: float, per_epoch: int, epochs: float) -> dict:
+def _lr_scaling(asked: str, world_size: int, batch: int, base_batch: int) -> tuple[str, str | None]:
+    """The rule ``solver.lr_scaling`` names, with ``auto`` resolved, and what the plan says of
+    the choice (None where the config named the rule itself)."""
+    if asked != "auto":
+        return asked, None
+    if batch <= base_batch:
+        return "linear", (
+            f"solver.lr_scaling auto: the linear rule (batch {batch} is not above "
+            f"solver.base_batch {base_batch}; AdaScale would be the same run)"
+        )
+    if world_size < 2:
+        return "linear", (
+            f"solver.lr_scaling auto: the linear rule, as AdaScale needs 2+ processes to "
+            f"measure the gradient noise; batch {batch} is {batch / base_batch:g}x "
+            f"solver.base_batch, where the linear rule may diverge: run --nproc 2 or more"
+        )
+    return (
+        "adascale",
+        f"solver.lr_scaling auto: AdaScale ({world_size} processes measure the noise)",
+    )
+
+
+def _adascale_fields(scale: float, per_epoch: int, epochs: float, per_module: bool) -> dict:
     progress = round(epochs * per_epoch)
     return {
         "lr_scaling": "adascale",
+        "adascale_per_module": per_module,
         "scale": scale,
         "progress_per_epoch": per_epoch,
         "progress_iters": progress,

@@ -216,6 +216,11 @@ def write_report(
         written.append(_plot_module_lr(runs, out_dir / "module_lr.png", plt, x))
     if any("gain" in r for run in runs for r in run.train):
         written.append(_plot_adascale(runs, out_dir / "adascale.png", plt))
+    projections = {
+        run.name: _read_projection(Path(d)) for run, d in zip(runs, run_dirs, strict=True)
+    }
+    if projections := {name: p for name, p in projections.items() if p}:
+        written.append(_plot_projection(projections, out_dir / "projection.png", plt))
 
     if any(f"{sampler}_pos" in r for run in runs for r in run.train for sampler in SAMPLERS):
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -273,6 +278,54 @@ def _plot_adascale(runs: list[RunLog], path: Path, plt) -> Path:
     progress_ax.set(xlabel="step", ylabel="epochs of progress at the base batch",
                     title="Progress through the base batch's schedule")  # fmt: skip
     gain_ax.legend()
+    return _save(fig, path)
+
+
+def _read_projection(run_dir: Path) -> dict | None:
+    """``megdet plan --from``'s projection.json of a run, if it made one."""
+    path = run_dir / "projection.json"
+    if not path.is_file():
+        return None
+    try:
+        projection = json.loads(path.read_text())
+        rows = projection["rows"]
+        if all({"devices", "batch", "hours"} <= set(r) for r in rows):
+            return projection
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    raise MegdetError(f"{path}: not a megdet projection; remake it with megdet plan --from")
+
+
+TIME_UNITS = (("hours", 1.0), ("minutes", 60.0), ("seconds", 3600.0))  # the first >= 1
+
+
+def _plot_projection(projections: dict[str, dict], path: Path, plt) -> Path:
+    """``plan --from``'s projected hours to each run's accuracy against the device count, one
+    line per global batch (a batch on more devices: fewer images each), the perfect scaling
+    of the fewest devices' best as a dotted line."""
+    fig, axes = plt.subplots(1, len(projections), figsize=(6.5 * len(projections), 4.5),
+                             squeeze=False)  # fmt: skip
+    for ax, (name, projection) in zip(axes[0], projections.items(), strict=True):
+        longest = max(row["hours"] for row in projection["rows"])
+        unit, per_hour = next(u for u in TIME_UNITS if longest * u[1] >= 1 or u[0] == "seconds")
+        by_batch: dict[int, list[tuple[int, float]]] = {}
+        for row in projection["rows"]:
+            by_batch.setdefault(row["batch"], []).append((row["devices"], row["hours"] * per_hour))
+        for batch, points in sorted(by_batch.items()):
+            ax.plot(*zip(*sorted(points), strict=True), marker="o", label=f"batch {batch}")
+        best = {}
+        for row in projection["rows"]:
+            if row["devices"] not in best or row["hours"] < best[row["devices"]]:
+                best[row["devices"]] = row["hours"] * per_hour
+        first = min(best)
+        ax.plot(sorted(best), [best[first] * first / k for k in sorted(best)], "k:",
+                label="perfect scaling")  # fmt: skip
+        ax.set(xscale="log", yscale="log", xlabel="devices", ylabel=unit,
+               title=f"{name}: projected time to {projection['metric']} "
+               f"{projection['target']:.1f}")  # fmt: skip
+        ax.set_xticks(sorted(best), [str(k) for k in sorted(best)])
+        ax.minorticks_off()
+        ax.legend(fontsize="small")
     return _save(fig, path)
 
 

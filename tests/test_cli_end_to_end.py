@@ -128,6 +128,22 @@ def test_nproc_launches_workers_through_torchrun(tiny_shapes, tmp_path):
     evaluated = megdet("eval", f"--run={run}", "--nproc", 2, "--out", tmp_path / "eval")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "mmAP" in evaluated.stdout and (tmp_path / "eval" / "metrics.json").is_file()
+    # Issue 28: the 2-process run's noise scale and this machine's step time, projected (the
+    # gloo bandwidth measured: no --bandwidth); the report draws it.
+    projected = megdet("plan", "--from", run, "--devices", "2,4", "--images-per-device", "1,2")
+    assert projected.returncode == 0, projected.stderr[-3000:]
+    assert "| 4 | 2 | 8" in projected.stdout and "fastest batch" in projected.stdout
+    document = json.loads((run / "projection.json").read_text())
+    assert [(r["devices"], r["batch"]) for r in document["rows"]] == [
+        (2, 2),
+        (2, 4),
+        (4, 4),
+        (4, 8),
+    ]
+    assert document["step_time"]["bus_bandwidth"] > 0 and document["run_steps"] == 3
+    reported = megdet("report", run, "--out", tmp_path / "report")
+    assert reported.returncode == 0, reported.stderr[-3000:]
+    assert (tmp_path / "report" / "projection.png").stat().st_size > 10_000
     bad = megdet("train", "--config", "instant_test", "--nproc", 2, "model.norm=batch")
     assert bad.returncode == 2
     assert (

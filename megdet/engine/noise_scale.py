@@ -202,6 +202,19 @@ class NoiseScale:
         correction = 1 - self.beta**self.steps
         return float(self.grad_sq[-1] / correction), float(self.grad_var[-1] / correction)
 
+    def group_estimates(self) -> dict[str, tuple[float, float]]:
+        """(|G|^2, tr(Sigma)) of each module group, as ``estimates`` (empty before the first
+        step)."""
+        self._finish()
+        if not self.steps:
+            return {}
+        correction = 1 - self.beta**self.steps
+        grad_sq, grad_var = (
+            (self.grad_sq / correction).tolist(),
+            (self.grad_var / correction).tolist(),
+        )
+        return {name: (grad_sq[i], grad_var[i]) for i, name in enumerate(self.names)}
+
     def statistics(self) -> dict[str, float]:
         """``gns``, ``grad_sq``, ``grad_var`` of all parameters and ``*_<group>`` of each
         group, from the bias-corrected EMAs (empty before the first step)."""

@@ -104,7 +104,7 @@ def train(
     adascale = None
     if plan.adascale:  # the plan refused it on one process
         adascale = AdaScale(cfg.solver.base_batch, plan.global_batch, plan.progress_per_epoch,
-                            task.num_train_images)  # fmt: skip
+                            task.num_train_images, cfg.solver.adascale.per_module)  # fmt: skip
     if (cfg.train.gns or module_lr or adascale) and ctx.world_size > 1:
         halves = split_in_halves(ctx.world_size, ctx.rank) if module_lr else None
         noise = NoiseScale(modules, plan.images_per_device, ctx.world_size, halves=halves)
@@ -141,6 +141,13 @@ def train(
     finally:
         if ctx.is_main:  # a replaced run is deleted once this one has a checkpoint, else back
             settle_replacement(run_dir)
+
+
+def _combined(first: dict | None, second: dict | None) -> dict | None:
+    """Two sets of per-module lr factors (AGVM's, AdaScale's), multiplied."""
+    if not first or not second:
+        return first or second
+    return {name: first.get(name, 1.0) * second.get(name, 1.0) for name in {*first, *second}}
 
 
 def _train_loop(cfg, task, run_dir, ctx, plan, model, start_iter, loop: _Loop) -> TrainResult:
@@ -191,9 +198,11 @@ def _train_loop(cfg, task, run_dir, ctx, plan, model, start_iter, loop: _Loop) -
                 noise.measure(model, amp.loss_scale())
             if measuring:  # this step's multipliers, used by this step (as AGVM does)
                 module_lr.update(noise.half_norms())
+            factors = module_lr.factors(iteration) if module_lr else None
             if adascale:  # this step's gain, from this step's estimates (as AGVM's)
-                lr *= adascale.update(noise.estimates())
-            set_lr(optimizer, lr, module_lr.factors(iteration) if module_lr else None)
+                lr *= adascale.update(noise.estimates(), noise.group_estimates())
+                factors = _combined(factors, adascale.factors())
+            set_lr(optimizer, lr, factors)
             _clip_gradients(model, grad_norm, cfg.solver.clip_grad_norm)
             amp.step(optimizer, grad_norm)
             events.step()

@@ -38,8 +38,12 @@ class AdaScale:
     """Progress and gain of a run under ``solver.lr_scaling: adascale``; a piece of the
     training state (``state_dict``, ``statistics``)."""
 
-    def __init__(self, base_batch: int, batch: int, per_epoch: int, num_images: int) -> None:
+    def __init__(
+        self, base_batch: int, batch: int, per_epoch: int, num_images: int, per_module: bool = False
+    ) -> None:
         self.base_batch, self.batch = base_batch, batch
+        self.per_module = per_module
+        self.module_gains: dict[str, float] = {}  # the last step's, per module group
         self.per_epoch = per_epoch  # base-batch iterations in an epoch of progress
         self.num_images = num_images
         self.progress = 0.0  # tau: base-batch iterations done
@@ -47,10 +51,27 @@ class AdaScale:
         self.gain = 1.0  # the last step's
         self.gain_sum = 0.0
 
-    def update(self, estimates: tuple[float, float] | None) -> float:
-        """This step's gain from the noise scale's (|G|^2, tr(Sigma)); 1 before it has any."""
+    def update(
+        self,
+        estimates: tuple[float, float] | None,
+        groups: dict[str, tuple[float, float]] | None = None,
+    ) -> float:
+        """This step's gain from the noise scale's (|G|^2, tr(Sigma)); 1 before it has any.
+        With ``per_module``, each group's gain from ``groups``' estimates too (``factors``)."""
         self.gain = adascale_gain(*estimates, self.base_batch, self.batch) if estimates else 1.0
+        if self.per_module:
+            self.module_gains = {
+                name: adascale_gain(*values, self.base_batch, self.batch)
+                for name, values in (groups or {}).items()
+            }
         return self.gain
+
+    def factors(self) -> dict[str, float] | None:
+        """Per module group, its lr over the whole model's (its gain / the gain): what
+        ``set_lr`` multiplies; None with one gain for all."""
+        if not self.per_module or not self.module_gains:
+            return None
+        return {name: gain / self.gain for name, gain in self.module_gains.items()}
 
     def advance(self) -> None:
         """The step was taken with ``self.gain``."""
@@ -67,6 +88,7 @@ class AdaScale:
             return {}
         images = self.steps * self.batch
         return {
+            **{f"gain_{name}": gain for name, gain in self.module_gains.items()},
             "gain": self.gain,
             "mean_gain": self.gain_sum / self.steps,
             "progress_epochs": self.progress / self.per_epoch,  # at the base batch

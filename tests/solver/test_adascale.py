@@ -204,6 +204,89 @@ def test_the_gain_equals_fairscales_adascale_on_the_same_gradients(world_size):
     assert reference.gain() == pytest.approx(ours, rel=1e-6)
 
 
+def _module_gains(rank, world_size):
+    """One DDP step of a model in two module groups (its two layers): megdet's gain per
+    group, and the paper's in float64 from each group's part of the processes' gradients."""
+    model = _model()
+    groups = {"first": list(model[0].parameters()), "second": list(model[2].parameters())}
+    ddp = nn.parallel.DistributedDataParallel(model)
+    noise = NoiseScale(groups, PER_PROCESS, world_size)
+    noise.attach(ddp)
+    inputs, targets = _data(PER_PROCESS * world_size)
+    mine = slice(rank * PER_PROCESS, (rank + 1) * PER_PROCESS)
+    ((ddp(inputs[mine]) - targets[mine]) ** 2).sum(1).mean().backward()
+    noise.measure(model)
+    scale = AdaScale(PER_PROCESS, PER_PROCESS * world_size, 10, 100, per_module=True)
+    gain = scale.update(noise.estimates(), noise.group_estimates())
+    scale.advance()
+    paper = {}
+    totals = {
+        name: torch.cat([p.grad.flatten() for p in params]) for name, params in groups.items()
+    }
+    for name, total in totals.items():
+        per_process = []
+        for part in range(world_size):
+            alone = _model()
+            rows = slice(part * PER_PROCESS, (part + 1) * PER_PROCESS)
+            ((alone(inputs[rows]) - targets[rows]) ** 2).sum(1).mean().backward()
+            layer = alone[0] if name == "first" else alone[2]
+            per_process.append(torch.cat([p.grad.flatten() for p in layer.parameters()]))
+        paper[name] = _paper_gain(per_process, total, PER_PROCESS, PER_PROCESS * world_size,
+                                  PER_PROCESS)  # fmt: skip
+    return {"gain": gain, "modules": scale.module_gains, "factors": scale.factors(),
+            "paper": paper, "stats": scale.statistics()}  # fmt: skip
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_each_module_group_gets_the_gain_of_its_own_gradients(world_size):
+    """fairscale's AdaScale scales each parameter group's lr by that group's gain; megdet's
+    per_module does it per module group, from the noise scale's per-group estimates."""
+    results = run_in_processes(_module_gains, world_size)
+    for result in results:
+        assert result["modules"] == results[0]["modules"]  # every rank the same
+    result = results[0]
+    modules, paper = result["modules"], result["paper"]
+    assert set(modules) == {"first", "second", "other"} and modules["other"] == 1.0  # empty
+    for name in ("first", "second"):
+        expected = min(max(paper[name], 1.0), world_size)
+        assert modules[name] == pytest.approx(expected, rel=1e-10), name
+        assert result["factors"][name] == pytest.approx(modules[name] / result["gain"])
+        assert result["stats"][f"gain_{name}"] == modules[name]
+    assert modules["first"] != pytest.approx(modules["second"])  # the groups differ
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_the_module_gains_equal_fairscales_param_group_gains(world_size):
+    pytest.importorskip("fairscale", reason="fairscale==0.4.13 is not installed here")
+    from fairscale.optim import AdaScale as FairscaleAdaScale
+
+    model = _model()
+    optimizer = torch.optim.SGD([{"params": model[0].parameters()},
+                                 {"params": model[2].parameters()}], lr=0.1)  # fmt: skip
+    reference = FairscaleAdaScale(optimizer, world_size=1, smoothing=0.0,
+                                  num_gradients_to_accumulate=world_size,
+                                  is_scaled_loss=False)  # fmt: skip
+    inputs, targets = _data(PER_PROCESS * world_size)
+    for part in range(world_size):
+        rows = slice(part * PER_PROCESS, (part + 1) * PER_PROCESS)
+        ((model(inputs[rows]) - targets[rows]) ** 2).sum(1).mean().backward()
+    ours = run_in_processes(_module_gains, world_size)[0]
+    for index, name in enumerate(("first", "second")):
+        assert reference.gain(index) == pytest.approx(ours["modules"][name], rel=1e-6)
+    assert reference.gain() == pytest.approx(ours["gain"], rel=1e-6)
+
+
+def test_one_gain_for_all_has_no_module_factors():
+    scale = AdaScale(16, 64, 10, 160, per_module=False)
+    scale.update((0.3, 12.0), {"backbone": (0.0, 5.0), "rpn": (1.0, 0.1)})
+    scale.advance()
+    assert scale.factors() is None and not any(k.startswith("gain_") for k in scale.statistics())
+    per_module = AdaScale(16, 64, 10, 160, per_module=True)
+    gain = per_module.update((0.3, 12.0), {"backbone": (0.0, 5.0), "rpn": (1.0, 0.1)})
+    assert per_module.factors() == {"backbone": 4.0 / gain,
+                                    "rpn": adascale_gain(1.0, 0.1, 16, 64) / gain}  # fmt: skip
+
+
 def _cfg(root, *extra):
     return load_config("instant_test", [*instant_overrides(root), *extra])
 
@@ -266,6 +349,10 @@ def test_adascale_ends_by_progress_and_resumes_bitwise(tiny_shapes, tmp_path):
     assert 4 <= steps < 8 and records[-1]["progress_epochs"] >= 4.0
     assert records[-2]["progress_epochs"] < 4.0  # it stopped at the first step past the end
     assert all(1 <= r["gain"] <= 2 for r in records) and records[-1]["mean_gain"] > 1
+    # Each module group its own gain (the default, solver.adascale.per_module), in bounds.
+    modules = [k for k in records[0] if k.startswith("gain_")]
+    assert {"gain_backbone", "gain_rpn", "gain_box_head"} <= set(modules)
+    assert all(1 <= r[k] <= 2 for r in records for k in modules)
     assert records[-1]["images_seen"] == 16 * steps
     # The lr is the gain times the base schedule at the progress before the step.
     plan = json.loads((straight / "plan.json").read_text())
