@@ -73,7 +73,7 @@ reproduce: $(STAMP)
 	$(PY) experiments/goyal_lr.py --seeds 0,1
 	$(PY) experiments/goyal_warmup.py --seeds 0,1
 	$(PY) experiments/goyal_batch.py --seeds 0
-	$(PY) experiments/adascale.py --seeds 0 --rows b16,b256,b64-adascale,b256-adascale
+	$(PY) experiments/adascale.py --seeds 0 --rows b16,b256,b64-adascale-global,b256-adascale-global
 
 # One row of each study on a quarter of its data, to experiments/results/quick/: about 20 minutes.
 reproduce-quick: $(STAMP)

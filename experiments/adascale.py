@@ -5,7 +5,8 @@ changed, and with ``solver.lr_scaling=adascale`` besides, batch 16 to 1024.
 
 Rows ``bN``: the linear rule, nothing else changed (the demo's own warmup and decays); batch 128
 and above are expected to diverge there (recorded with their iteration and lr). Rows
-``bN-adascale``: the same, with the lr following the measured noise. The table gives, per row,
+``bN-adascale``: the same, with the lr following the measured noise (each module group by its
+own gain); ``bN-adascale-global``: one gain for the whole model. The table gives, per row,
 the final mmAP, the steps, and, under AdaScale, what the runs' ``metrics.jsonl`` say of the
 gain and the images used. Runs go to ``experiments/runs/adascale/``; the table to
 ``experiments/results/adascale.md``.
@@ -20,6 +21,13 @@ ROWS = [Row(f"b{b}", [f"train.batch_size={b}"]) for b in BATCHES] + [
     Row(f"b{b}-adascale", [f"train.batch_size={b}", "solver.lr_scaling=adascale"])
     for b in BATCHES[1:]
 ]
+# One gain for the whole model (the paper's statement; megdet's only AdaScale before per-module
+# gains, commit 0080c54): the committed seed-0 rows b64 and b256 ran this way.
+ROWS += [
+    Row(f"b{b}-adascale-global",
+        [f"train.batch_size={b}", "solver.lr_scaling=adascale", "solver.adascale.per_module=false"])
+    for b in BATCHES[1:]
+]  # fmt: skip
 
 if __name__ == "__main__":
     main(

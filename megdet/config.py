@@ -36,6 +36,7 @@ DTYPES = ("float32", "float64")
 AMPS = ("none", "bf16", "fp16")
 MODULE_LRS = ("none", "agvm")
 LR_SCALINGS = ("linear", "adascale", "auto")
+ADASCALE_PACES = ("model", "module")
 TASKS = ("detection", "classification")
 
 
@@ -202,6 +203,9 @@ class AdaScaleConfig:
     # The demo's heads measure a noise scale of 1-30 images where the backbone's is 200-460:
     # one gain, set by the backbone, over-steps the heads (issue 25).
     per_module: bool = True
+    # What advances the progress tau: model, the whole model's gain (fairscale's); module, the
+    # smallest module gain, so that every module gets at least the base batch's schedule.
+    pace: str = "model"
 
 
 @dataclass
@@ -334,6 +338,7 @@ def validate(cfg: Config) -> None:
         "train.amp": (cfg.train.amp, AMPS),
         "solver.module_lr": (cfg.solver.module_lr, MODULE_LRS),
         "solver.lr_scaling": (cfg.solver.lr_scaling, LR_SCALINGS),
+        "solver.adascale.pace": (cfg.solver.adascale.pace, ADASCALE_PACES),
         "task": (cfg.task, TASKS),
         "classification.augment": (cfg.classification.augment, AUGMENTS),
     }

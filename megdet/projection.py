@@ -426,8 +426,9 @@ def format_projection(run: RunSummary, step_time: StepTime, rows: list[Row], tar
         + (" (AdaScale: the noise scale read from its gain)" if run.adascale else ""),
         f"noise scale per epoch (images): {noise}"
         + (
-            f"; epochs {','.join(map(str, run.unmeasured))} unmeasured or all noise: given "
-            "the largest measured"
+            f"; epoch{'s' if len(run.unmeasured) > 1 else ''} "
+            f"{','.join(map(str, run.unmeasured))} unmeasured or all noise: given the largest "
+            "measured"
             if run.unmeasured
             else ""
         ),

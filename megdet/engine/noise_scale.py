@@ -213,7 +213,11 @@ class NoiseScale:
             (self.grad_sq / correction).tolist(),
             (self.grad_var / correction).tolist(),
         )
-        return {name: (grad_sq[i], grad_var[i]) for i, name in enumerate(self.names)}
+        return {
+            name: (grad_sq[i], grad_var[i])
+            for i, name in enumerate(self.names)
+            if not (name == OTHER and grad_sq[i] == 0 and grad_var[i] == 0)  # no parameters
+        }
 
     def statistics(self) -> dict[str, float]:
         """``gns``, ``grad_sq``, ``grad_var`` of all parameters and ``*_<group>`` of each

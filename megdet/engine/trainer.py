@@ -104,7 +104,8 @@ def train(
     adascale = None
     if plan.adascale:  # the plan refused it on one process
         adascale = AdaScale(cfg.solver.base_batch, plan.global_batch, plan.progress_per_epoch,
-                            task.num_train_images, cfg.solver.adascale.per_module)  # fmt: skip
+                            task.num_train_images, cfg.solver.adascale.per_module,
+                            cfg.solver.adascale.pace)  # fmt: skip
     if (cfg.train.gns or module_lr or adascale) and ctx.world_size > 1:
         halves = split_in_halves(ctx.world_size, ctx.rank) if module_lr else None
         noise = NoiseScale(modules, plan.images_per_device, ctx.world_size, halves=halves)
@@ -341,11 +342,11 @@ def _restore(found, state: TrainingState, plan: Plan) -> int:
 
 
 def _steps_left(plan: Plan, adascale: AdaScale | None) -> int | None:
-    """Under AdaScale, the steps to the end at the mean gain so far (for the ETA)."""
-    if not adascale or not adascale.steps:
+    """Under AdaScale, the steps to the end at the mean progress per step so far (the ETA)."""
+    if not adascale or not adascale.steps or adascale.progress <= 0:
         return None
-    mean_gain = adascale.gain_sum / adascale.steps
-    return max(0, math.ceil((plan.progress_iters - adascale.progress) / mean_gain))
+    per_step = adascale.progress / adascale.steps
+    return max(0, math.ceil((plan.progress_iters - adascale.progress) / per_step))
 
 
 def _epochs(plan: Plan, done: int, adascale: AdaScale | None) -> float:

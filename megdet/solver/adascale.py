@@ -39,10 +39,17 @@ class AdaScale:
     training state (``state_dict``, ``statistics``)."""
 
     def __init__(
-        self, base_batch: int, batch: int, per_epoch: int, num_images: int, per_module: bool = False
+        self,
+        base_batch: int,
+        batch: int,
+        per_epoch: int,
+        num_images: int,
+        per_module: bool = False,
+        pace: str = "model",
     ) -> None:
         self.base_batch, self.batch = base_batch, batch
         self.per_module = per_module
+        self.pace = pace  # what advances the progress: the model's gain or the smallest module's
         self.module_gains: dict[str, float] = {}  # the last step's, per module group
         self.per_epoch = per_epoch  # base-batch iterations in an epoch of progress
         self.num_images = num_images
@@ -59,7 +66,7 @@ class AdaScale:
         """This step's gain from the noise scale's (|G|^2, tr(Sigma)); 1 before it has any.
         With ``per_module``, each group's gain from ``groups``' estimates too (``factors``)."""
         self.gain = adascale_gain(*estimates, self.base_batch, self.batch) if estimates else 1.0
-        if self.per_module:
+        if self.per_module or self.pace == "module":
             self.module_gains = {
                 name: adascale_gain(*values, self.base_batch, self.batch)
                 for name, values in (groups or {}).items()
@@ -74,8 +81,13 @@ class AdaScale:
         return {name: gain / self.gain for name, gain in self.module_gains.items()}
 
     def advance(self) -> None:
-        """The step was taken with ``self.gain``."""
-        self.progress += self.gain
+        """The step was taken with ``self.gain``: the progress advances by it, or, with pace
+        ``module``, by the smallest module gain (every module's lr at least its base
+        schedule's per unit of progress)."""
+        pace = self.gain
+        if self.pace == "module" and self.module_gains:
+            pace = min(self.gain, *self.module_gains.values())
+        self.progress += pace
         self.gain_sum += self.gain
         self.steps += 1
 
