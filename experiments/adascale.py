@@ -25,7 +25,8 @@ ROWS = [Row(f"b{b}", [f"train.batch_size={b}"]) for b in BATCHES] + [
 # gains, commit 0080c54): the committed seed-0 rows b64 and b256 ran this way.
 ROWS += [
     Row(f"b{b}-adascale-global",
-        [f"train.batch_size={b}", "solver.lr_scaling=adascale", "solver.adascale.per_module=false"])
+        [f"train.batch_size={b}", "solver.lr_scaling=adascale", "solver.adascale.per_module=false",
+         "solver.adascale.pace=model"])
     for b in BATCHES[1:]
 ]  # fmt: skip
 

@@ -7,7 +7,8 @@ changed, batch 16 to 1,024.
 Rows ``bN``: the preset as it is (its ``solver.lr_scaling`` decides). Rows ``bN-linear``: the
 linear rule forced, the divergence the preset must avoid. Rows ``bN-global``: AdaScale with one
 gain for the whole model, as the paper states it, instead of one per module group. Rows
-``bN-pace``: the progress advanced by the smallest module gain instead of the model's. Row
+``bN-model``: the progress advanced by the whole model's gain instead of the smallest module
+gain's. Row
 ``b1024-100``: batch 1,024's first hundred steps (a whole run there is ~10x batch 16's images:
 the point is whether it diverges). Runs go to ``experiments/runs/demo_preset/``; the table to
 ``experiments/results/demo_preset.md``.
@@ -22,13 +23,17 @@ ROWS += [Row("b1024-100", ["train.batch_size=1024", "train.max_iter=100"])]
 ROWS += [
     Row(f"b{b}-linear", [f"train.batch_size={b}", "solver.lr_scaling=linear"]) for b in (128, 256)
 ]
-# Progress by the smallest module gain instead of the whole model's.
+# Progress by the whole model's gain (fairscale's) instead of the smallest module gain.
 ROWS += [
-    Row(f"b{b}-pace", [f"train.batch_size={b}", "solver.adascale.pace=module"]) for b in (64, 256)
+    Row(f"b{b}-model", [f"train.batch_size={b}", "solver.adascale.pace=model"])
+    for b in (32, 64, 128, 256)
 ]
 # One gain for the whole model (AdaScale as the paper states it) instead of one per module.
 ROWS += [
-    Row(f"b{b}-global", [f"train.batch_size={b}", "solver.adascale.per_module=false"])
+    Row(
+        f"b{b}-global",
+        [f"train.batch_size={b}", "solver.adascale.per_module=false", "solver.adascale.pace=model"],
+    )  # fmt: skip
     for b in (64, 256)
 ]
 

@@ -10,7 +10,6 @@ divergence while the scale is still at least 1.
 
 from __future__ import annotations
 
-import math
 from contextlib import AbstractContextManager
 
 import torch
@@ -40,23 +39,33 @@ class MixedPrecision:
         if self.scaler.is_enabled():
             self.scaler.unscale_(optimizer)
 
-    def loss_scale(self) -> float:
-        """The factor the loss was multiplied by for this step's backward (1 without fp16)."""
-        return self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+    def pending(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+        """fp16: this backward's loss scale and whether the unscaled gradients hold an inf or
+        NaN (what the scaler's own ``step`` reads), on the device, for the trainer to read
+        with the step's other numbers; nothing otherwise."""
+        if not self.scaler.is_enabled():
+            return []
+        scale = self.scaler._get_scale_async()
+        found = self.scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+        overflow = sum(f.to(scale.device) for f in found.values())
+        return [scale.double().view(1), torch.as_tensor(overflow).double().view(1)]
 
-    def overflow_skipped(self, grad_norm: float) -> bool:
+    def skips(self, found_inf: bool, loss_scale: float) -> bool:
         """A non-finite gradient that the fp16 scaler skips (and halves its scale for); at a
         scale below 1 the gradient itself overflows fp16: a real divergence."""
-        return (
-            self.scaler.is_enabled()
-            and not math.isfinite(grad_norm)
-            and self.scaler.get_scale() >= 1.0
-        )
+        return self.scaler.is_enabled() and found_inf and loss_scale >= 1.0
 
-    def step(self, optimizer: torch.optim.Optimizer, grad_norm: float) -> None:
-        if self.overflow_skipped(grad_norm):
+    def step(self, optimizer: torch.optim.Optimizer, found_inf: bool, loss_scale: float) -> None:
+        """The optimizer's step unless fp16's gradients overflowed, decided from the numbers
+        already read (``pending``), so that the scaler reads nothing itself; then its
+        update (which only halves or grows its scale on the device)."""
+        if not self.scaler.is_enabled():
+            optimizer.step()
+            return
+        if self.skips(found_inf, loss_scale):
             self.skipped_steps += 1
-        self.scaler.step(optimizer)  # skipped by the scaler itself when it found an inf
+        elif not found_inf:
+            optimizer.step()
         self.scaler.update()
 
     def statistics(self) -> dict[str, float]:

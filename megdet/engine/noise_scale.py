@@ -78,8 +78,9 @@ class NoiseScale:
         self.beta = beta
         self.steps = 0
         size = len(self.names) + 1  # the groups, then all parameters
-        self.grad_sq = torch.zeros(size, dtype=torch.float64)
-        self.grad_var = torch.zeros(size, dtype=torch.float64)
+        # The EMAs, on the host as plain floats: reading them is never a device read.
+        self.grad_sq = [0.0] * size
+        self.grad_var = [0.0] * size
         # This step's local squared norm of each parameter's gradient: one slot per parameter,
         # so the sums do not depend on how DDP buckets them (it rebuilds its buckets after the
         # first step, and a resumed run's first step would round differently).
@@ -89,7 +90,7 @@ class NoiseScale:
         self._split = False  # the coming backward reduces within halves first (split_next)
         self._half: dict[int, torch.Tensor] = {}  # |g_A|^2 or |g_B|^2 per parameter
         # The last split step's squared norms per group (and all): the halves', the mean's.
-        self._half_norms: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._half_norms: tuple[list[float], list[float], list[float]] | None = None
         self._membership: torch.Tensor | None = None  # group x parameter indicator
 
     def attach(self, ddp: nn.parallel.DistributedDataParallel) -> None:
@@ -131,15 +132,16 @@ class NoiseScale:
             membership = torch.zeros(len(self.names), len(params), dtype=torch.float64)
             for column, param in enumerate(params):
                 membership[self._group.get(id(param), len(self.names) - 1), column] = 1.0
-            self._membership = membership
-        return (self._membership.to(values.device) @ values).cpu()
+            self._membership = membership.to(values.device)  # once: no copy per step
+        return self._membership @ values  # on the gradients' device: read with the step's
 
     def measure(self, model: nn.Module, loss_scale: float = 1.0) -> None:
         """After backward, on every process: this step's squared norms, local ones averaged
-        over the processes by an all-reduce that overlaps the optimizer step (it is finished,
-        and the EMAs updated, at the next ``measure`` or ``statistics``). ``loss_scale``: the
-        fp16 loss scale of the backward, which the gradients the hook saw still carried (the
-        model's are unscaled by now)."""
+        over the processes by an asynchronous all-reduce. The numbers stay on the device:
+        the trainer reads them with the step's other numbers in one read (``pending`` and
+        ``absorb``); otherwise they are read at the next ``measure`` or ``statistics``.
+        ``loss_scale``: the fp16 loss scale of the backward, which the gradients the hook saw
+        still carried (the model's are unscaled by now)."""
         self._finish()
         params = list(model.parameters())
         with_grad = [p for p in params if p.grad is not None]
@@ -156,31 +158,51 @@ class NoiseScale:
             local = torch.cat([local, *slots])
         self._local, self._half, self._split = {}, {}, False
         device = with_grad[0].grad.device if with_grad else torch.device("cpu")
-        local = local.to(device)
+        local, big = local.to(device), big.to(device)
         work = dist.all_reduce_sum_async(local)
         self._pending = (work, local, big, loss_scale)
 
-    def _finish(self) -> None:
+    def pending(self) -> torch.Tensor | None:
+        """The last ``measure``'s numbers, on the device, once their all-reduce is done (one
+        flat tensor to read with others); None if nothing is pending."""
         if self._pending is None:
-            return
-        work, local, big, loss_scale = self._pending
-        self._pending = None
+            return None
+        work, local, big, _ = self._pending
         if work is not None:
             work.wait()
-        local = local.cpu().view(-1, len(self.names)) / loss_scale**2
-        small = _with_total(local[0] / dist.get_world_size())
-        big = _with_total(big).cpu()
-        if len(local) == 3:
-            halves = (_with_total(local[1]), _with_total(local[2]), big)
-            finite = all(torch.isfinite(x).all() for x in halves)
+        return torch.cat([local.view(-1), big.view(-1)])
+
+    def absorb(self, values: list[float], loss_scale: float | None = None) -> None:
+        """Update the EMAs from ``pending()``'s numbers read to the host (``loss_scale``: the
+        backward's, read with them; default the one ``measure`` was given). Plain floats from
+        here on: nothing of it reads the device again."""
+        _, _, _, measured_scale = self._pending
+        self._pending = None
+        scale = measured_scale if loss_scale is None else loss_scale
+        groups, world = len(self.names), dist.get_world_size()
+        rows = [
+            [v / scale**2 for v in values[start : start + groups]]
+            for start in range(0, len(values) - groups, groups)
+        ]
+        small = _with_total([v / world for v in rows[0]])
+        big = _with_total(values[-groups:])
+        if len(rows) == 3:
+            halves = (_with_total(rows[1]), _with_total(rows[2]), big)
+            finite = all(math.isfinite(v) for half in halves for v in half)
             self._half_norms = halves if finite else None
         b, B = self.small, self.big
-        grad_sq = (B * big - b * small) / (B - b)
-        grad_var = (small - big) / (1 / b - 1 / B)
-        if torch.isfinite(grad_sq).all() and torch.isfinite(grad_var).all():  # fp16 overflow
+        grad_sq = [(B * g - b * s) / (B - b) for g, s in zip(big, small, strict=True)]
+        grad_var = [(s - g) / (1 / b - 1 / B) for g, s in zip(big, small, strict=True)]
+        if all(math.isfinite(v) for v in grad_sq + grad_var):  # fp16 overflow: skipped
             self.steps += 1
-            self.grad_sq.mul_(self.beta).add_(grad_sq, alpha=1 - self.beta)
-            self.grad_var.mul_(self.beta).add_(grad_var, alpha=1 - self.beta)
+            self.grad_sq = _ema(self.grad_sq, grad_sq, self.beta)
+            self.grad_var = _ema(self.grad_var, grad_var, self.beta)
+
+    def _finish(self) -> None:
+        """Read and absorb what is pending (outside the trainer's one read per step)."""
+        numbers = self.pending()
+        if numbers is not None:
+            self.absorb(numbers.tolist())
 
     def half_norms(self) -> dict[str, tuple[float, float, float]]:
         """After a split step's ``measure``: per group (and ``""`` for all parameters) the
@@ -190,8 +212,15 @@ class NoiseScale:
         found, self._half_norms = self._half_norms, None
         if found is None:
             return {}
-        rows = torch.stack(found, dim=1).tolist()
-        return {name: tuple(row) for name, row in zip([*self.names, ""], rows, strict=True)}
+        return {
+            name: (found[0][i], found[1][i], found[2][i])
+            for i, name in enumerate([*self.names, ""])
+        }
+
+    def _corrected(self) -> tuple[list[float], list[float]]:
+        """The bias-corrected EMAs (|G|^2, tr(Sigma)) per group, then of all parameters."""
+        correction = 1 - self.beta**self.steps
+        return [v / correction for v in self.grad_sq], [v / correction for v in self.grad_var]
 
     def estimates(self) -> tuple[float, float] | None:
         """(|G|^2, tr(Sigma)) of all parameters from the bias-corrected EMAs, the same on
@@ -199,8 +228,8 @@ class NoiseScale:
         self._finish()
         if not self.steps:
             return None
-        correction = 1 - self.beta**self.steps
-        return float(self.grad_sq[-1] / correction), float(self.grad_var[-1] / correction)
+        grad_sq, grad_var = self._corrected()
+        return grad_sq[-1], grad_var[-1]
 
     def group_estimates(self) -> dict[str, tuple[float, float]]:
         """(|G|^2, tr(Sigma)) of each module group, as ``estimates`` (empty before the first
@@ -208,11 +237,7 @@ class NoiseScale:
         self._finish()
         if not self.steps:
             return {}
-        correction = 1 - self.beta**self.steps
-        grad_sq, grad_var = (
-            (self.grad_sq / correction).tolist(),
-            (self.grad_var / correction).tolist(),
-        )
+        grad_sq, grad_var = self._corrected()
         return {
             name: (grad_sq[i], grad_var[i])
             for i, name in enumerate(self.names)
@@ -225,30 +250,34 @@ class NoiseScale:
         self._finish()
         if not self.steps:
             return {}
-        correction = 1 - self.beta**self.steps
-        grad_sq, grad_var = self.grad_sq / correction, self.grad_var / correction
+        grad_sq, grad_var = self._corrected()
         values = {}
         for i, name in enumerate([*self.names, ""]):
             if name == OTHER and grad_sq[i] == 0 and grad_var[i] == 0:
                 continue
             suffix = f"_{name}" if name else ""
-            values[f"grad_sq{suffix}"] = grad_sq[i].item()
-            values[f"grad_var{suffix}"] = grad_var[i].item()
+            values[f"grad_sq{suffix}"] = grad_sq[i]
+            values[f"grad_var{suffix}"] = grad_var[i]
             if grad_sq[i] > 0:
-                values[f"gns{suffix}"] = (grad_var[i] / grad_sq[i]).item()
+                values[f"gns{suffix}"] = grad_var[i] / grad_sq[i]
         return {k: v for k, v in values.items() if math.isfinite(v)}
 
     def state_dict(self) -> dict:
         self._finish()
-        return {"steps": self.steps, "grad_sq": self.grad_sq.clone(), "grad_var": self.grad_var}
+        return {"steps": self.steps, "grad_sq": torch.tensor(self.grad_sq, dtype=torch.float64),
+                "grad_var": torch.tensor(self.grad_var, dtype=torch.float64)}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         if state:
             self.steps = int(state["steps"])
-            self.grad_sq = state["grad_sq"].to(torch.float64).clone()
-            self.grad_var = state["grad_var"].to(torch.float64).clone()
+            self.grad_sq = state["grad_sq"].to(torch.float64).tolist()
+            self.grad_var = state["grad_var"].to(torch.float64).tolist()
 
 
-def _with_total(per_group: torch.Tensor) -> torch.Tensor:
+def _ema(average: list[float], values: list[float], keep: float) -> list[float]:
+    return [keep * a + (1 - keep) * v for a, v in zip(average, values, strict=True)]
+
+
+def _with_total(per_group: list[float]) -> list[float]:
     """The groups' values, then their sum (all parameters)."""
-    return torch.cat([per_group, per_group.sum().view(1)])
+    return [*per_group, math.fsum(per_group)]

@@ -192,11 +192,13 @@ def _train_loop(cfg, task, run_dir, ctx, plan, model, start_iter, loop: _Loop) -
             health_work = dist.all_reduce_sum_async(health)
             optimizer.zero_grad(set_to_none=True)
             amp.backward(loss, optimizer)
-            grad_norm = _stop_if_diverged(
-                health, health_work, model, losses, iteration, lr, cfg, run_dir, ctx, amp
-            )
+            if noise:  # its all-reduce runs while the gradient norm is computed
+                noise.measure(model)
+            read = _read_step(health, health_work, model, noise, amp, optimizer)
+            _stop_if_diverged(read, losses, iteration, lr, cfg, run_dir, ctx, amp)
+            grad_norm = read.grad_norm
             if noise:
-                noise.measure(model, amp.loss_scale())
+                noise.absorb(read.noise, read.loss_scale)
             if measuring:  # this step's multipliers, used by this step (as AGVM does)
                 module_lr.update(noise.half_norms())
             factors = module_lr.factors(iteration) if module_lr else None
@@ -204,8 +206,8 @@ def _train_loop(cfg, task, run_dir, ctx, plan, model, start_iter, loop: _Loop) -
                 lr *= adascale.update(noise.estimates(), noise.group_estimates())
                 factors = _combined(factors, adascale.factors())
             set_lr(optimizer, lr, factors)
-            _clip_gradients(model, grad_norm, cfg.solver.clip_grad_norm)
-            amp.step(optimizer, grad_norm)
+            _clip_gradients(model, grad_norm, cfg.solver.clip_grad_norm, read.norm)
+            amp.step(optimizer, read.found_inf, read.loss_scale)
             events.step()
 
             done = iteration + 1
@@ -228,7 +230,7 @@ def _train_loop(cfg, task, run_dir, ctx, plan, model, start_iter, loop: _Loop) -
                 events.training(iteration, epoch, lr, values, _steps_left(plan, adascale))
             if last:
                 break
-            if health[2].item() > 0:  # the all-reduce finished in _stop_if_diverged
+            if read.stop_asked:  # by a signal to any process: all stop after this step
                 dist.average_buffers(model)
                 _save(run_dir, state, done, loop.about, plan, ctx)
                 events.close()
@@ -253,41 +255,83 @@ def _train_loop(cfg, task, run_dir, ctx, plan, model, start_iter, loop: _Loop) -
     return TrainResult(model, plan, metrics)
 
 
-def _stop_if_diverged(
-    health, work, model, losses, iteration, lr, cfg, run_dir, ctx, amp: MixedPrecision
-) -> float:
-    """Raise on every process at the same iteration, before the step changes the weights;
-    otherwise return the gradient norm (not finite for an fp16 step the loss scaler skips).
+@dataclass
+class _StepRead:
+    """What a step decides with, read from the device in one read (``_read_step``)."""
 
-    The decision uses only numbers that are the same on every process: the all-reduced loss and
-    the gradient norm after DDP averaged the gradients, so no process is left waiting."""
+    mean_loss: float
+    nonfinite: bool  # the loss, on any process
+    stop_asked: bool  # a stop signal, on any process
+    grad_norm: float  # after DDP's averaging: the same on every process
+    norm: torch.Tensor  # the same, on the device (clipping scales by it there)
+    loss_scale: float  # fp16's for this backward; 1 otherwise
+    found_inf: bool  # fp16's scaler found an inf or NaN gradient: the step is skipped
+    noise: list[float] | None  # the noise scale's pending numbers
+
+
+def _read_step(health, work, model, noise, amp: MixedPrecision, optimizer) -> _StepRead:
+    """The step's one host read: the all-reduced loss and flags, the gradient norm, fp16's
+    loss scale and overflow flag, and the noise scale's numbers, copied to the host together
+    (each read of a device value stalls the GPU's queue; the reference loop makes one, its
+    ``loss.item()``)."""
     if work is not None:
         work.wait()
-    mean_loss, nonfinite = (health[:2] / ctx.world_size).tolist()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
-    too_high = cfg.train.max_loss is not None and mean_loss > cfg.train.max_loss
-    if not (nonfinite or too_high) and (
-        math.isfinite(grad_norm) or amp.overflow_skipped(grad_norm)
-    ):
-        return grad_norm
+    norm = torch.nn.utils.get_total_norm(grads) if grads else health.new_zeros(())
+    parts = [health, norm.detach().double().view(1), *amp.pending(optimizer)]
+    pending = noise.pending() if noise else None
+    if pending is not None:
+        parts.append(pending)
+    values = torch.cat([part.to(health.device) for part in parts]).tolist()
+    world = dist.get_world_size()
+    scaled = amp.scaler.is_enabled()
+    return _StepRead(
+        mean_loss=values[0] / world,
+        nonfinite=values[1] > 0,
+        stop_asked=values[2] > 0,
+        grad_norm=values[3],
+        norm=norm,
+        loss_scale=values[4] if scaled else 1.0,
+        found_inf=scaled and values[5] > 0,
+        noise=values[6 if scaled else 4 :] if pending is not None else None,
+    )
+
+
+def _stop_if_diverged(read: _StepRead, losses, iteration, lr, cfg, run_dir, ctx, amp) -> None:
+    """Raise on every process at the same iteration, before the step changes the weights.
+
+    The decision uses only numbers that are the same on every process: the all-reduced loss and
+    the gradient norm after DDP averaged the gradients, so no process is left waiting. A
+    non-finite gradient that fp16's scaler skips (at a loss scale of at least 1) is not a
+    divergence."""
+    too_high = cfg.train.max_loss is not None and read.mean_loss > cfg.train.max_loss
+    skipped = amp.skips(read.found_inf, read.loss_scale)
+    if not (read.nonfinite or too_high) and (math.isfinite(read.grad_norm) or skipped):
+        return
     terms = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
     limit = f" > train.max_loss {cfg.train.max_loss:g}" if too_high else ""
     last = run_dir / "checkpoints" / "last.pt"
     kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written"
     raise DivergenceError(
         f"training diverged at iteration {iteration + 1} (lr {lr:.4g}): mean loss "
-        f"{mean_loss:.4g}{limit}, gradient norm {grad_norm:.4g} ({terms} on rank {ctx.rank}); "
-        f"stopped before the update, {kept}; lower solver.base_lr or lengthen the warmup"
+        f"{read.mean_loss:.4g}{limit}, gradient norm {read.grad_norm:.4g} ({terms} on rank "
+        f"{ctx.rank}); stopped before the update, {kept}; lower solver.base_lr or lengthen the "
+        "warmup"
     )
 
 
-def _clip_gradients(model: torch.nn.Module, grad_norm: float, max_norm: float | None) -> None:
+def _clip_gradients(
+    model: torch.nn.Module,
+    grad_norm: float,
+    max_norm: float | None,
+    norm: torch.Tensor | None = None,
+) -> None:
     """Scale the gradients down to ``solver.clip_grad_norm`` when their norm (computed once, the
-    same on every process) is larger."""
+    same on every process, read as ``grad_norm``; ``norm`` the same on the device) is larger."""
     if max_norm is None or grad_norm <= max_norm or not math.isfinite(grad_norm):
         return  # a non-finite norm: an fp16 step the loss scaler skips
-    norm = torch.tensor(grad_norm, dtype=torch.float64)
+    if norm is None:
+        norm = torch.tensor(grad_norm, dtype=torch.float64)
     torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, norm)
 
 

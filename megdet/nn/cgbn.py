@@ -176,14 +176,17 @@ def _chunk_statistics(xc: torch.Tensor, chunk: int):
 
 
 def _update_running(running_mean, running_var, group_mean, group_var, total, factor) -> None:
-    """Running statistics: the mean over BN groups that had elements; none, no update."""
-    valid = total > 0
-    if valid.any():
-        unbiased = group_var * (total / (total - 1).clamp(min=1))[:, None]
-        new_mean = group_mean[valid].mean(0)
-        new_var = unbiased[valid].mean(0)
-        running_mean.mul_(1 - factor).add_(new_mean.to(running_mean.dtype), alpha=factor)
-        running_var.mul_(1 - factor).add_(new_var.to(running_var.dtype), alpha=factor)
+    """Running statistics: the mean over BN groups that had elements; none, no update. On the
+    device throughout (a weight per group, no test on the host): a read per layer would stall
+    a GPU's queue at every BN of every step."""
+    valid = (total > 0).to(group_mean.dtype)[:, None]
+    groups = valid.sum().clamp(min=1)
+    unbiased = group_var * (total / (total - 1).clamp(min=1))[:, None]
+    new_mean = (group_mean * valid).sum(0) / groups
+    new_var = (unbiased * valid).sum(0) / groups
+    weight = valid.amax() * factor  # 0 when no group had elements: the statistics stay
+    for running, new in ((running_mean, new_mean), (running_var, new_var)):
+        running.mul_(1 - weight).add_((new * weight).to(running.dtype))
 
 
 def _group_sum(t: torch.Tensor, chunk: int) -> torch.Tensor:

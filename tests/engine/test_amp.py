@@ -2,6 +2,7 @@
 checkpoint, and a detector training with bf16 autocast."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -25,7 +26,9 @@ def _step(amp, model, optimizer, scale_loss_by=1.0):
     amp.backward(loss, optimizer)
     grads = [p.grad for p in model.parameters()]
     grad_norm = torch.nn.utils.get_total_norm(grads).item()
-    amp.step(optimizer, grad_norm)
+    scale, found_inf = torch.cat(amp.pending(optimizer)).tolist()
+    assert bool(found_inf) == (not math.isfinite(grad_norm))  # the scaler's own verdict
+    amp.step(optimizer, bool(found_inf), scale)
     return grad_norm
 
 
@@ -48,12 +51,10 @@ def test_fp16_overflow_is_a_skipped_step_then_training_goes_on():
 
 def test_fp16_overflow_below_scale_one_is_a_divergence():
     amp = MixedPrecision("fp16", CPU)
-    amp.load_state_dict({"scaler": {**amp.scaler.state_dict(), "scale": 0.5}})
-    assert not amp.overflow_skipped(float("inf"))
-    amp.load_state_dict({"scaler": {**amp.scaler.state_dict(), "scale": 1.0}})
-    assert amp.overflow_skipped(float("nan")) and not amp.overflow_skipped(3.0)
+    assert not amp.skips(True, 0.5)
+    assert amp.skips(True, 1.0) and not amp.skips(False, 1.0)
     for mode in ("none", "bf16"):  # no scaler: every non-finite gradient is a divergence
-        assert not MixedPrecision(mode, CPU).overflow_skipped(float("inf"))
+        assert not MixedPrecision(mode, CPU).skips(True, 2.0**16)
 
 
 def test_scaler_state_round_trips_through_the_checkpoint_format(tmp_path):
