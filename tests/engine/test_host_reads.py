@@ -20,6 +20,7 @@ from megdet.data.patterns import generate_patterns
 from megdet.engine import trainer
 from megdet.engine.trainer import train
 from megdet.tasks import build_task
+from tests.conftest import instant_overrides
 from tests.distributed import run_in_processes
 
 READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
@@ -29,14 +30,16 @@ STEPS = 6
 
 
 @contextlib.contextmanager
-def _counting(log: list):
-    """Record, for every read made inside, where it came from."""
+def _counting(log: list, skip=LOADER):
+    """Record, for every read made inside (but in frames of ``skip``), where it came from."""
     originals = {name: getattr(torch.Tensor, name) for name in READS}
 
     def wrap(name, original):
         def counted(self, *args, **kwargs):
+            if name == "cpu" and self.device.type == "cpu":  # a host tensor: nothing copied
+                return original(self, *args, **kwargs)
             stack = traceback.extract_stack(limit=40)[:-1]
-            if not any(any(part in frame.filename for part in LOADER) for frame in stack):
+            if not any(any(part in frame.filename for part in skip) for frame in stack):
                 log.append(f"{name} at {stack[-1].filename}:{stack[-1].lineno}")
             return original(self, *args, **kwargs)
 
@@ -101,6 +104,36 @@ def test_a_step_reads_the_device_at_most_once(patterns, tmp_path, extra):
         for reads in steps:  # the one: _read_step's, of everything the step decides with
             assert len(reads) == 1 and reads[0].startswith("tolist at "), reads
             assert reads[0].split(" at ")[1].startswith(trainer.__file__), reads
+
+
+def _detection_reads(rank, world_size, root, run_dir):
+    cfg = load_config("instant_test", [*instant_overrides(root), f"train.max_iter={STEPS}",
+                                       "log.period=1000", "model.norm=cgbn"])  # fmt: skip
+    log: list[str] = []
+    boundaries = []
+    step = trainer.EventWriter.step
+
+    def mark(self):
+        boundaries.append(len(log))
+        return step(self)
+
+    trainer.EventWriter.step = mark
+    try:
+        # torchvision's detector reads a few values itself (image sizes, box checks): the
+        # reference loop runs the same model, so they are not the engine's to remove.
+        with _counting(log, skip=(*LOADER, os.sep + "torchvision" + os.sep)):
+            train(cfg, build_task(cfg), run_dir, dist.init_distributed())
+    finally:
+        trainer.EventWriter.step = step
+    return [log[a:b] for a, b in zip(boundaries[:-2], boundaries[1:-1], strict=True)]
+
+
+@pytest.mark.slow
+def test_a_detector_step_reads_the_device_once_beyond_torchvisions_own(tiny_shapes, tmp_path):
+    """The detector's engine-side reads too: its global sample counts stay on the device."""
+    for steps in run_in_processes(_detection_reads, 2, tiny_shapes, tmp_path):
+        assert len(steps) == STEPS - 2
+        assert all(len(reads) == 1 and reads[0].startswith("tolist at ") for reads in steps), steps
 
 
 def test_the_counter_sees_a_read(patterns):

@@ -67,19 +67,24 @@ class GlobalSampleCounts:
     def start(self, module: nn.Module, args) -> None:
         if not module.training or dist.get_world_size() == 1:
             return
+        features = args[0]  # the pooler's feature maps: the device the counts are summed on
+        device = next(iter(features.values())).device if isinstance(features, dict) else None
         local = torch.tensor(
-            [float(sum(s.last_counts[:2])) for s in self.samplers], dtype=torch.float64
+            [float(sum(s.last_counts[:2])) for s in self.samplers],
+            dtype=torch.float64,
+            device=device,
         )
         total = local.clone()
         self._pending = (local, total, dist.all_reduce_sum_async(total))
 
-    def shares(self) -> tuple[float, float]:
+    def shares(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This process's share of the RPN's and the RoI heads' samples, times the number of
-        processes (DDP divides by it): 1.0 each when every process sampled as many."""
+        processes (DDP divides by it): 1.0 each when every process sampled as many. On the
+        device (float64): the step reads nothing for them, and NCCL sums no host tensor."""
         if self._pending is None:
             raise RuntimeError("no sample counts in flight: was the box head run in training?")
         local, total, work = self._pending
         self._pending = None
         work.wait()
-        rpn, roi = (local * dist.get_world_size() / total.clamp(min=1)).tolist()
+        rpn, roi = (local * dist.get_world_size() / total.clamp(min=1)).unbind()
         return rpn, roi

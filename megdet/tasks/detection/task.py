@@ -176,7 +176,8 @@ class DetectionTask:
         rpn, roi = model.sample_counts.shares()
         share = {"loss_objectness": rpn, "loss_rpn_box_reg": rpn}
         share |= {"loss_classifier": roi, "loss_box_reg": roi}
-        return {name: value * share[name] for name, value in losses.items()}
+        # In each loss's dtype, as a Python float would be: the same numbers as before.
+        return {name: value * share[name].to(value.dtype) for name, value in losses.items()}
 
     def check_evaluation(self) -> None:
         """The val annotations parse and name the training set's categories, and every val
