@@ -6,7 +6,7 @@ evaluations); and the projected seconds per step against those the runs logged.
     python experiments/projection_check.py --study demo_preset [--base b16] [--levels 20,30,40]
 
 Reads finished runs in ``experiments/runs/STUDY/``; writes
-``experiments/results/projection_check_STUDY.md``. Nothing is trained.
+``experiments/results/projection_check_STUDY_BASE.md``. Nothing is trained.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def main() -> None:
         )
         + "\n"
     )
-    out = ROOT / "experiments" / "results" / f"projection_check_{args.study}.md"
+    out = ROOT / "experiments" / "results" / f"projection_check_{args.study}_{args.base}.md"
     out.write_text(text)
     print(text)
 

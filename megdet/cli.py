@@ -269,9 +269,9 @@ def _parser() -> argparse.ArgumentParser:
         choices=("cpu", "cuda"),
         help="where to time the steps (default: cuda if there is one)",
     )
-    project.add_argument("--pace", choices=("module", "model"), default="module",
-                         help="whose noise scale sets the steps: the module group that needs "
-                         "the most (default), or the whole model's")  # fmt: skip
+    project.add_argument("--pace", choices=("model", "module"), default="model",
+                         help="whose noise scale sets the steps: the whole model's (default), "
+                         "or the module group's that needs the most")  # fmt: skip
     project.add_argument("--out", type=Path, help="projection JSON (default RUN/projection.json)")
     plan.set_defaults(handler=_cmd_plan)
 

@@ -258,7 +258,7 @@ def project(
     per_device: list[int] | None = None,
     batches: list[int] | None = None,
     until: int | None = None,
-    pace: str = "module",
+    pace: str = "model",
 ) -> list[Row]:
     """Every (device count, batch) considered, with its projected steps and time. The
     batches: ``batches`` where the device count divides them, else the device count times
@@ -431,6 +431,16 @@ def format_projection(run: RunSummary, step_time: StepTime, rows: list[Row], tar
             "measured"
             if run.unmeasured
             else ""
+        ),
+        *(
+            [
+                "the noise scale was not measurable in part of this run (its |G|^2 came out <= "
+                "0): with few images per process its estimate is noisy; project from a run with "
+                "more images per process (on the demo, from batch 64: steps within 8%; from "
+                "batch 16: 34% off)"
+            ]
+            if run.unmeasured
+            else []
         ),
         f"step time here: {step_time.fixed_s:.3g} s + {step_time.per_image_s:.3g} s per image "
         f"(measured at {', '.join(f'{n}: {s:.3g} s' for n, s in step_time.measured.items())}) "
