@@ -53,7 +53,7 @@ def test_a_hung_test_times_out_with_a_stack_dump_and_leaves_no_process(tmp_path)
     (tmp_path / "test_hung.py").write_text(HUNG)
     env = {**os.environ, "HUNG_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--timeout", "8",
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--timeout", "15",
          "--rootdir", str(tmp_path), "-o", "addopts=", str(tmp_path / "test_hung.py")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
