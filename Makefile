@@ -59,8 +59,10 @@ bench-roi: $(STAMP) $(SHAPES)
 	$(PY) bench/roi_batch_tradeoff.py --values 32,64,128,256,512 --record
 
 # Issue 13's large-batch studies, each run a plain `megdet train` (README: "Does large batch work?").
-# Every study, at the seeds of the committed tables: about 9.5 hours on 2 cores. A stopped study
+# Every study, at the seeds of the committed tables: about 12 hours on 2 cores. A stopped study
 # continues where it stopped (finished runs are kept in experiments/runs/).
+DEMO_PRESET_ROWS := b16,b32,b64,b128,b256,b1024-100,b256-linear,b32-model,b64-model,b128-model,b256-model,b64-global,b256-global
+GOYAL_ADASCALE_ROWS := b128,b256-adascale
 reproduce: $(STAMP)
 	$(PY) experiments/table3_cgbn.py --seeds 0,1,2
 	$(PY) experiments/table2_no_bn.py --seeds 0
@@ -74,6 +76,10 @@ reproduce: $(STAMP)
 	$(PY) experiments/goyal_warmup.py --seeds 0,1
 	$(PY) experiments/goyal_batch.py --seeds 0
 	$(PY) experiments/adascale.py --seeds 0 --rows b16,b256,b64-adascale-global,b256-adascale-global
+	$(PY) experiments/demo_preset.py --seeds 0 --rows $(DEMO_PRESET_ROWS)
+	$(PY) experiments/goyal_adascale.py --seeds 0 --rows $(GOYAL_ADASCALE_ROWS)
+	$(PY) experiments/projection_check.py --study demo_preset --base b16
+	$(PY) experiments/projection_check.py --study demo_preset --base b64
 
 # One row of each study on a quarter of its data, to experiments/results/quick/: about 20 minutes.
 reproduce-quick: $(STAMP)
@@ -87,6 +93,7 @@ reproduce-quick: $(STAMP)
 	$(PY) experiments/goyal_warmup.py --quick --rows none
 	$(PY) experiments/goyal_batch.py --quick --rows b256
 	$(PY) experiments/adascale.py --quick --rows b256-adascale
+	$(PY) experiments/demo_preset.py --quick --rows b64
 
 # What bench/device_suite.sh carries to the GPU machine (python 3.12, no registry there).
 device-wheels:
