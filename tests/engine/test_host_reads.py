@@ -54,12 +54,10 @@ def _counting(log: list, skip=LOADER):
             setattr(torch.Tensor, name, original)
 
 
-def _reads_per_step(rank, world_size, root, run_dir, extra):
-    cfg = load_config("classify_demo", [
-        f"data.train.images={root}/train", f"data.val.images={root}/val",
-        "train.batch_size=8", "model.bn_size=4", f"train.max_iter={STEPS}", "log.period=1000",
-        "train.eval_period=0", "eval.images_per_device=8", "solver.base_batch=4", *extra,
-    ])  # fmt: skip
+def _reads_of_each_step(cfg, run_dir, skip=LOADER) -> list[list[str]]:
+    """Train ``cfg``; the reads of steps 2 .. STEPS - 1: after the first (DDP builds its
+    buckets) and before the last (which logs). Each span runs from one step's update to the
+    next's, the batch's loading too."""
     log: list[str] = []
     boundaries = []
     step = trainer.EventWriter.step
@@ -70,13 +68,20 @@ def _reads_per_step(rank, world_size, root, run_dir, extra):
 
     trainer.EventWriter.step = mark
     try:
-        with _counting(log):
+        with _counting(log, skip):
             train(cfg, build_task(cfg), run_dir, dist.init_distributed())
     finally:
         trainer.EventWriter.step = step
-    # Steps 2 .. STEPS - 1: after the first (DDP builds its buckets) and before the last
-    # (which logs); each span runs from one step's end to the next, the batch's loading too.
     return [log[a:b] for a, b in zip(boundaries[:-2], boundaries[1:-1], strict=True)]
+
+
+def _classifier_reads(rank, world_size, root, run_dir, extra):
+    cfg = load_config("classify_demo", [
+        f"data.train.images={root}/train", f"data.val.images={root}/val",
+        "train.batch_size=8", "model.bn_size=4", f"train.max_iter={STEPS}", "log.period=1000",
+        "train.eval_period=0", "eval.images_per_device=8", "solver.base_batch=4", *extra,
+    ])  # fmt: skip
+    return _reads_of_each_step(cfg, run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +104,7 @@ def patterns(tmp_path_factory):
     ids=["gns", "adascale+clip", "agvm", "fp16", "bf16"],
 )
 def test_a_step_reads_the_device_at_most_once(patterns, tmp_path, extra):
-    for steps in run_in_processes(_reads_per_step, 2, patterns, tmp_path, extra):
+    for steps in run_in_processes(_classifier_reads, 2, patterns, tmp_path, extra):
         assert len(steps) == STEPS - 2
         for reads in steps:  # the one: _read_step's, of everything the step decides with
             assert len(reads) == 1 and reads[0].startswith("tolist at "), reads
@@ -109,23 +114,9 @@ def test_a_step_reads_the_device_at_most_once(patterns, tmp_path, extra):
 def _detection_reads(rank, world_size, root, run_dir):
     cfg = load_config("instant_test", [*instant_overrides(root), f"train.max_iter={STEPS}",
                                        "log.period=1000", "model.norm=cgbn"])  # fmt: skip
-    log: list[str] = []
-    boundaries = []
-    step = trainer.EventWriter.step
-
-    def mark(self):
-        boundaries.append(len(log))
-        return step(self)
-
-    trainer.EventWriter.step = mark
-    try:
-        # torchvision's detector reads a few values itself (image sizes, box checks): the
-        # reference loop runs the same model, so they are not the engine's to remove.
-        with _counting(log, skip=(*LOADER, os.sep + "torchvision" + os.sep)):
-            train(cfg, build_task(cfg), run_dir, dist.init_distributed())
-    finally:
-        trainer.EventWriter.step = step
-    return [log[a:b] for a, b in zip(boundaries[:-2], boundaries[1:-1], strict=True)]
+    # torchvision's detector reads a few values itself (image sizes, box checks): the
+    # reference loop runs the same model, so they are not the engine's to remove.
+    return _reads_of_each_step(cfg, run_dir, skip=(*LOADER, os.sep + "torchvision" + os.sep))
 
 
 @pytest.mark.slow

@@ -184,15 +184,14 @@ def test_the_gain_from_the_noise_scale_equals_the_papers_formula_in_float64(worl
     assert 1 < results[0]["ours"] < world_size  # the formula was exercised, not a bound
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_the_gain_equals_fairscales_adascale_on_the_same_gradients(world_size):
-    """fairscale's estimator over k gradient accumulations of b images is its estimator over
-    k processes (it says so); fed the processes' gradients, it gives megdet's gain."""
+def _fairscale(world_size: int, param_groups):
+    """``fairscale.optim.AdaScale`` over ``param_groups(model)``, fed the processes' gradients
+    as k gradient accumulations (skips where fairscale is not installed)."""
     pytest.importorskip("fairscale", reason="fairscale==0.4.13 is not installed here")
     from fairscale.optim import AdaScale as FairscaleAdaScale
 
     model = _model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = torch.optim.SGD(param_groups(model), lr=0.1)
     reference = FairscaleAdaScale(optimizer, world_size=1, smoothing=0.0,
                                   num_gradients_to_accumulate=world_size,
                                   is_scaled_loss=False)  # fmt: skip
@@ -200,6 +199,14 @@ def test_the_gain_equals_fairscales_adascale_on_the_same_gradients(world_size):
     for part in range(world_size):
         rows = slice(part * PER_PROCESS, (part + 1) * PER_PROCESS)
         ((model(inputs[rows]) - targets[rows]) ** 2).sum(1).mean().backward()
+    return reference
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_the_gain_equals_fairscales_adascale_on_the_same_gradients(world_size):
+    """fairscale's estimator over k gradient accumulations of b images is its estimator over
+    k processes (it says so); fed the processes' gradients, it gives megdet's gain."""
+    reference = _fairscale(world_size, lambda model: model.parameters())
     ours = run_in_processes(_gains, world_size)[0]["ours"]
     assert reference.gain() == pytest.approx(ours, rel=1e-6)
 
@@ -257,19 +264,10 @@ def test_each_module_group_gets_the_gain_of_its_own_gradients(world_size):
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_the_module_gains_equal_fairscales_param_group_gains(world_size):
-    pytest.importorskip("fairscale", reason="fairscale==0.4.13 is not installed here")
-    from fairscale.optim import AdaScale as FairscaleAdaScale
+    def layers(model):
+        return [{"params": model[0].parameters()}, {"params": model[2].parameters()}]
 
-    model = _model()
-    optimizer = torch.optim.SGD([{"params": model[0].parameters()},
-                                 {"params": model[2].parameters()}], lr=0.1)  # fmt: skip
-    reference = FairscaleAdaScale(optimizer, world_size=1, smoothing=0.0,
-                                  num_gradients_to_accumulate=world_size,
-                                  is_scaled_loss=False)  # fmt: skip
-    inputs, targets = _data(PER_PROCESS * world_size)
-    for part in range(world_size):
-        rows = slice(part * PER_PROCESS, (part + 1) * PER_PROCESS)
-        ((model(inputs[rows]) - targets[rows]) ** 2).sum(1).mean().backward()
+    reference = _fairscale(world_size, layers)
     ours = run_in_processes(_module_gains, world_size)[0]
     for index, name in enumerate(("first", "second")):
         assert reference.gain(index) == pytest.approx(ours["modules"][name], rel=1e-6)
