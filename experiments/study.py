@@ -49,12 +49,15 @@ class Setting:
     metric: str
     label: str
     data: str = "study"  # "study": the 64 px study sets; "demo": the preset's own data/shapes
+    # The studies of the linear rule keep it whatever the preset's solver.lr_scaling (auto
+    # since issue 25); a row may still set it. None: the preset's own.
+    lr_scaling: str | None = "linear"
 
 
 DETECTION = Setting("default", "mmAP", "mmAP")
 CLASSIFICATION = Setting("classify_demo", "top1_err", "top-1 error")
 # The demo itself (issue 25): `make demo`'s 2,000 shapes images at 128 px, nothing overridden.
-DEMO = Setting("default", "mmAP", "mmAP", data="demo")
+DEMO = Setting("default", "mmAP", "mmAP", data="demo", lr_scaling=None)
 DEMO_DATA = ROOT / "data" / "shapes"
 QUICK_DEMO_DATA = ROOT / "experiments" / "data" / "shapes128_500"
 
@@ -88,16 +91,23 @@ def ensure_shapes(folder: Path, train: int, val: int, size: int) -> list[str]:
 
 
 def run(
-    row: Row, seed: int, runs: Path, common: list[str], config: str = "default", metric="mmAP"
+    row: Row,
+    seed: int,
+    runs: Path,
+    common: list[str],
+    config: str = "default",
+    metric="mmAP",
+    lr_scaling: str | None = "linear",
 ) -> dict:
     """One training run (or its stored result); returns what the table needs: ``metric`` (in
-    percent) per epoch and at the end."""
+    percent) per epoch and at the end. ``lr_scaling``: the rule unless the row sets one."""
+    rule = [f"solver.lr_scaling={lr_scaling}"] if lr_scaling else []
     out = runs / f"{row.name}-s{seed}"
     result_file = out / "study_result.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
     command = [sys.executable, "-m", "megdet", "train", "--config", config, *common,
-               *row.overrides, f"train.seed={seed}", "log.tensorboard=false",
+               *rule, *row.overrides, f"train.seed={seed}", "log.tensorboard=false",
                "--nproc", "2", "--out", str(out), "--overwrite"]  # fmt: skip
     begin = time.perf_counter()
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
@@ -256,7 +266,7 @@ def main(
             run_dir = runs / f"{row.name}-s{seed}"
             if args.table_only and not (run_dir / "study_result.json").is_file():
                 continue
-            result = run(row, seed, runs, data, setting.config, setting.metric)
+            result = run(row, seed, runs, data, setting.config, setting.metric, setting.lr_scaling)
             folders.append(run_dir)
             results.setdefault(row.name, []).append(result)
             print(row.name, seed, result.get(setting.metric, result.get("diverged")), flush=True)
