@@ -437,7 +437,7 @@ def format_projection(run: RunSummary, step_time: StepTime, rows: list[Row], tar
                 "the noise scale was not measurable in part of this run (its |G|^2 came out <= "
                 "0): with few images per process its estimate is noisy; project from a run with "
                 "more images per process (on the demo, from batch 64: steps within 8%; from "
-                "batch 16: 34% off)"
+                "batch 16: 36% off)"
             ]
             if run.unmeasured
             else []

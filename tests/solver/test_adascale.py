@@ -285,6 +285,23 @@ def test_one_gain_for_all_has_no_module_factors():
                                     "rpn": adascale_gain(1.0, 0.1, 16, 64) / gain}  # fmt: skip
 
 
+def test_pace_module_advances_by_the_smallest_module_gain_and_resumes():
+    scale = AdaScale(16, 256, 10, 160, per_module=True, pace="module")
+    groups = {"backbone": (0.0, 5.0), "rpn": (1.0, 30.0), "box_head": (1.0, 60.0)}
+    gain = scale.update((0.3, 12.0), groups)
+    scale.advance()
+    slowest = adascale_gain(1.0, 30.0, 16, 256)
+    assert scale.module_gains["backbone"] == 16.0 and slowest < gain
+    assert scale.progress == pytest.approx(slowest)  # the rpn's, not the model's
+    again = AdaScale(16, 256, 10, 160, per_module=True, pace="module")
+    again.load_state_dict(scale.state_dict())
+    assert again.progress == scale.progress
+    model = AdaScale(16, 256, 10, 160, per_module=True, pace="model")
+    model.update((0.3, 12.0), groups)
+    model.advance()
+    assert model.progress == gain
+
+
 def _cfg(root, *extra):
     return load_config("instant_test", [*instant_overrides(root), *extra])
 
@@ -337,7 +354,8 @@ def test_adascale_ends_by_progress_and_resumes_bitwise(tiny_shapes, tmp_path):
     """Batch 16 over base 8 (scale 2) for 4 epochs of progress (8 base iterations): it ends
     when progress reaches 8, in fewer steps; stopped at step 3 and resumed, the same run."""
     extra = ["solver.lr_scaling=adascale", "train.batch_size=16", "train.epochs=4",
-             "solver.steps=[3]", "solver.warmup_iters=2"]  # fmt: skip
+             "solver.steps=[3]", "solver.warmup_iters=2",
+             "solver.adascale.pace=model"]  # progress by the gain logged  # fmt: skip
     straight, split = tmp_path / "straight", tmp_path / "split"
     straight.mkdir()
     split.mkdir()
