@@ -199,7 +199,7 @@ class AdaScaleConfig:
     """AdaScale's options (solver.lr_scaling: adascale)."""
 
     # Each module group's lr by its own gain, from its own noise scale (fairscale's AdaScale:
-    # a gain per parameter group); progress by the whole model's. false: one gain for all.
+    # a gain per parameter group); false: one gain, the whole model's, for all.
     # The demo's heads measure a noise scale of 1-30 images where the backbone's is 200-460:
     # one gain, set by the backbone, over-steps the heads (issue 25).
     per_module: bool = True

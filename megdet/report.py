@@ -289,7 +289,7 @@ def _read_projection(run_dir: Path) -> dict | None:
     try:
         projection = json.loads(path.read_text())
         rows = projection["rows"]
-        if all({"devices", "batch", "hours"} <= set(r) for r in rows):
+        if rows and all({"devices", "batch", "hours", "best"} <= set(r) for r in rows):
             return projection
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -313,10 +313,7 @@ def _plot_projection(projections: dict[str, dict], path: Path, plt) -> Path:
             by_batch.setdefault(row["batch"], []).append((row["devices"], row["hours"] * per_hour))
         for batch, points in sorted(by_batch.items()):
             ax.plot(*zip(*sorted(points), strict=True), marker="o", label=f"batch {batch}")
-        best = {}
-        for row in projection["rows"]:
-            if row["devices"] not in best or row["hours"] < best[row["devices"]]:
-                best[row["devices"]] = row["hours"] * per_hour
+        best = {r["devices"]: r["hours"] * per_hour for r in projection["rows"] if r.get("best")}
         first = min(best)
         ax.plot(sorted(best), [best[first] * first / k for k in sorted(best)], "k:",
                 label="perfect scaling")  # fmt: skip

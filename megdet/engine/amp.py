@@ -45,6 +45,8 @@ class MixedPrecision:
         with the step's other numbers; nothing otherwise."""
         if not self.scaler.is_enabled():
             return []
+        # GradScaler's own state (private, unchanged since torch 1.6): the tensors its step
+        # would read, recorded by unscale_ in backward.
         scale = self.scaler._get_scale_async()
         found = self.scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
         overflow = sum(f.to(scale.device) for f in found.values())
