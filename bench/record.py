@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from megdet.atomic import atomic_write_text
+from megdet.hardware import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG_HEADING = "## Results log (appended by `make bench`)"
@@ -25,14 +25,7 @@ LOG_HEADING = "## Results log (appended by `make bench`)"
 
 def machine() -> str:
     """CPU model and usable cores, or the GPU, and the torch build: what a result depends on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     # The machine's CPUs, not this process's affinity (megdet binds each process to its own).
     parts = [f"{cpu}, {os.cpu_count()} CPUs"]
     if torch.cuda.is_available():

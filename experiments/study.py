@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from megdet.hardware import cpu_name
 from megdet.report import per_epoch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -204,10 +205,7 @@ def write_table(
 
 
 def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip() + f", {os.cpu_count()} CPUs"
-    return platform.machine()
+    return f"{cpu_name()}, {os.cpu_count()} CPUs"
 
 
 def main(

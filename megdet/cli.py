@@ -272,6 +272,11 @@ def _parser() -> argparse.ArgumentParser:
     project.add_argument("--pace", choices=("model", "module"), default="model",
                          help="whose noise scale sets the steps: the whole model's (default), "
                          "or the module group's that needs the most")  # fmt: skip
+    project.add_argument(
+        "--no-calibrate", dest="calibrate", action="store_false",
+        help="leave out the per-step overhead read from the run's logged step time (input "
+        "pipeline, CGBN's collectives, hooks): the measured parts alone",
+    )  # fmt: skip
     project.add_argument("--out", type=Path, help="projection JSON (default RUN/projection.json)")
     plan.set_defaults(handler=_cmd_plan)
 
@@ -522,17 +527,24 @@ def _cmd_plan_from(args) -> int:
         raise MegdetError("--device cuda: no CUDA device here; use --device cpu")
     n = run.images_per_device
     counts = (max(1, n // 2), n) if n > 1 else (1, 2)
-    timed = projection.measure_step_time(task, cfg, counts, torch.device(device_name))
+    threads = projection.measure_threads(run, device_name)
+    timed = projection.measure_step_time(task, cfg, counts, torch.device(device_name),
+                                         threads=threads)  # fmt: skip
     bandwidth = (
         args.bandwidth * 1e9
         if args.bandwidth
         else projection.measure_bus_bandwidth(timed["gradient_bytes"])
     )
-    step_time = projection.fit_step_time(timed["seconds"], timed["gradient_bytes"], bandwidth)
+    step_time = projection.fit_step_time(timed["seconds"], timed["gradient_bytes"], bandwidth,
+                                         threads)  # fmt: skip
+    calibration = "not calibrated (--no-calibrate)"
+    if args.calibrate:
+        step_time, calibration = projection.calibrate(step_time, run, device_name)
     rows = projection.project(run, step_time, devices, per_device, batches, until, args.pace)
-    print(projection.format_projection(run, step_time, rows, target, until, args.pace))
+    print(projection.format_projection(run, step_time, rows, target, until, args.pace,
+                                       calibration))  # fmt: skip
     out = args.out or run.path / "projection.json"
-    document = projection.projection_dict(run, step_time, rows, target, args.pace)
+    document = projection.projection_dict(run, step_time, rows, target, args.pace, calibration)
     atomic_write_text(out, json.dumps(document, indent=1) + "\n")
     print(f"written: {out}")
     return 0

@@ -13,11 +13,15 @@ this model's ratio of steps measured (r = (1 + B_noise / b0) / (1 + B_noise / B)
 scale is read from the gain. The model assumes each batch trains at its best lr (a rule that
 diverges is outside it) and says nothing about where a large batch's accuracy ends.
 
-**Step time**: t(n, k) = fixed + n x per_image + a ring all-reduce of the gradient over k
-devices, 2 (k - 1) / k x bytes / bus bandwidth; fixed and per_image measured at two images per
-device on one process of this machine (forward, backward, the optimizer's step), the bus
-bandwidth given or measured here over gloo between two local processes. No overlap of the
-all-reduce with backward is assumed (DDP overlaps part of it): an upper bound.
+**Step time**: t(n, k) = fixed + n x per_image + overhead + a ring all-reduce of the gradient
+over k devices, 2 (k - 1) / k x bytes / bus bandwidth; fixed and per_image measured at two
+images per device on one process of this machine (forward, backward, the optimizer's step; on a
+CPU with the threads one of the run's processes had), the bus bandwidth given or measured here
+over gloo between two local processes. ``overhead`` is what that leaves out and the run paid:
+its input pipeline, CGBN's per-layer collectives, the hooks, the log. It is calibrated as the
+run's logged step time minus the model's at the run's own point, and taken as a constant per
+step (none where the run computed on another kind of device than the measurement). No overlap
+of the all-reduce with backward is assumed (DDP overlaps part of it): an upper bound.
 """
 
 from __future__ import annotations
@@ -103,6 +107,8 @@ class StepTime:
     gradient_bytes: int
     bus_bandwidth: float  # bytes/s
     measured: dict  # images per device -> seconds, the points the line goes through
+    overhead_s: float = 0.0  # per step, what the run paid beyond the measured parts
+    threads: int | None = None  # the CPU threads the points were measured with
 
     def all_reduce_s(self, devices: int) -> float:
         if devices < 2:
@@ -110,7 +116,8 @@ class StepTime:
         return 2 * (devices - 1) / devices * self.gradient_bytes / self.bus_bandwidth
 
     def seconds(self, per_device: int, devices: int) -> float:
-        return self.fixed_s + per_device * self.per_image_s + self.all_reduce_s(devices)
+        return (self.fixed_s + per_device * self.per_image_s + self.overhead_s
+                + self.all_reduce_s(devices))  # fmt: skip
 
 
 @dataclass
@@ -130,6 +137,7 @@ class RunSummary:
     final: float  # the metric at its last evaluation, in percent
     evals: list[tuple[int, float]]  # (iteration, metric in percent)
     logged_step_s: float | None  # the median logged seconds per step after the first epoch
+    hardware: dict | None  # plan.json's: device, name, threads per process (None: older runs)
     windows: list[Window]
     unmeasured: list[int]  # epochs without a usable noise scale (filled from the others)
 
@@ -189,6 +197,7 @@ def summarize_run(run_dir: Path) -> RunSummary:
         final=evals[-1][1],
         evals=evals,
         logged_step_s=statistics.median(times) if times else None,
+        hardware=plan.get("hardware"),
         windows=windows,
         unmeasured=unmeasured,
     )
@@ -307,9 +316,35 @@ def stops_helping(rows: list[Row]) -> int | None:
     return None
 
 
-def measure_step_time(task, cfg, counts: tuple[int, int], device, repeats: int = 5) -> dict:
+def measure_threads(run: RunSummary, device_type: str) -> int | None:
+    """The CPU threads to measure a step with: those one of the run's processes had (as
+    ``megdet train`` split this machine's cores among them, where the run did not record it);
+    None on a GPU, whose step does not depend on them."""
+    if device_type != "cpu":
+        return None
+    if run.hardware and run.hardware.get("device") == "cpu" and run.hardware.get("threads"):
+        return int(run.hardware["threads"])
+    return max(1, (os.cpu_count() or 1) // run.world_size)
+
+
+def measure_step_time(
+    task, cfg, counts: tuple[int, int], device, repeats: int = 5, threads: int | None = None
+) -> dict:
     """Median seconds of a training step (forward, backward, SGD step) at each of ``counts``
-    images on one process, through the task's interface; no collective."""
+    images on one process, through the task's interface, with ``threads`` CPU threads (None:
+    as they are); no collective."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _time_steps(task, cfg, counts, device, repeats)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _time_steps(task, cfg, counts: tuple[int, int], device, repeats: int) -> dict:
     import torch
 
     from megdet.nn import training_norm
@@ -343,12 +378,37 @@ def measure_step_time(task, cfg, counts: tuple[int, int], device, repeats: int =
     )}  # fmt: skip
 
 
-def fit_step_time(seconds: dict[int, float], gradient_bytes: int, bandwidth: float) -> StepTime:
+def fit_step_time(
+    seconds: dict[int, float], gradient_bytes: int, bandwidth: float, threads: int | None = None
+) -> StepTime:
     """The line through the two measured points (per image clamped at >= 0: timing noise)."""
     (n1, t1), (n2, t2) = sorted(seconds.items())
     per_image = max(0.0, (t2 - t1) / (n2 - n1)) if n2 != n1 else t1 / n1
     fixed = max(0.0, t1 - n1 * per_image)
-    return StepTime(fixed, per_image, gradient_bytes, bandwidth, dict(seconds))
+    return StepTime(fixed, per_image, gradient_bytes, bandwidth, dict(seconds), threads=threads)
+
+
+def calibrate(step_time: StepTime, run: RunSummary, device_type: str) -> tuple[StepTime, str]:
+    """``step_time`` with the overhead the run paid beyond the model at its own point (its
+    logged step time minus the model's there), and a line saying what was done. Not where the
+    run logged no step time or computed on another kind of device than ``device_type``: a
+    CPU's overhead says nothing of a GPU's."""
+    if run.logged_step_s is None:
+        return step_time, "not calibrated: the run logged no step time after its first epoch"
+    ran_on = (run.hardware or {}).get("device")
+    if ran_on is not None and ran_on != device_type:
+        return step_time, (
+            f"not calibrated: the run computed on {ran_on}, the step was measured on {device_type}"
+        )
+    model = step_time.seconds(run.images_per_device, run.world_size) - step_time.overhead_s
+    overhead = run.logged_step_s - model
+    calibrated = StepTime(**{**asdict(step_time), "overhead_s": overhead})
+    return calibrated, (
+        f"calibrated: the run logged {run.logged_step_s:.3g} s per step at "
+        f"{run.images_per_device} images x {run.world_size} processes, the measured parts "
+        f"{model:.3g} s: {overhead:+.3g} s a step of input pipeline, CGBN's collectives and "
+        "hooks, added to every row as a constant"
+    )
 
 
 def _all_reduce_worker(rank: int, port: int, numel: int, repeats: int, out: str) -> None:
@@ -392,8 +452,9 @@ def measure_bus_bandwidth(gradient_bytes: int, repeats: int = 5) -> float:
 
 
 def projection_dict(
-    run: RunSummary, step_time: StepTime, rows: list[Row], target: float, pace: str
-) -> dict:
+    run: RunSummary, step_time: StepTime, rows: list[Row], target: float, pace: str,
+    calibration: str = "",
+) -> dict:  # fmt: skip
     """What ``projection.json`` holds: the inputs, the assumptions, every row."""
     return {
         "run": str(run.path),
@@ -407,13 +468,14 @@ def projection_dict(
         "unmeasured_epochs": run.unmeasured,
         "step_time": asdict(step_time),
         "logged_step_s": run.logged_step_s,
+        "calibration": calibration,
         "stops_helping_at": stops_helping(rows),
         "rows": [asdict(r) for r in rows],
     }
 
 
 def format_projection(run: RunSummary, step_time: StepTime, rows: list[Row], target: float,
-                      until: int, pace: str) -> str:  # fmt: skip
+                      until: int, pace: str, calibration: str = "") -> str:  # fmt: skip
     """The table a user reads, and what it rests on."""
     noise = " ".join(f"{w.noise_scale:.0f}" for w in run.windows)
     if pace == "module" and any(w.modules for w in run.windows):
@@ -443,16 +505,13 @@ def format_projection(run: RunSummary, step_time: StepTime, rows: list[Row], tar
             else []
         ),
         f"step time here: {step_time.fixed_s:.3g} s + {step_time.per_image_s:.3g} s per image "
-        f"(measured at {', '.join(f'{n}: {s:.3g} s' for n, s in step_time.measured.items())}) "
-        f"+ all-reduce of {step_time.gradient_bytes / 2**20:.1f} MiB at "
+        f"(measured at {', '.join(f'{n}: {s:.3g} s' for n, s in step_time.measured.items())}"
+        + (f", {step_time.threads} CPU threads" if step_time.threads else "")
+        + f") + all-reduce of {step_time.gradient_bytes / 2**20:.1f} MiB at "
         f"{step_time.bus_bandwidth / 1e9:.3g} GB/s bus bandwidth",
     ]
-    if run.logged_step_s is not None:
-        model = step_time.seconds(run.images_per_device, run.world_size)
-        lines.append(
-            f"the run logged {run.logged_step_s:.3g} s per step at {run.images_per_device} images "
-            f"x {run.world_size} processes; the model says {model:.3g} s"
-        )
+    if calibration:
+        lines.append(calibration)
     header = "| devices | images/device | batch | steps | s/step | hours | efficiency |"
     lines += ["", header, "|---|---|---|---|---|---|---|"]
     for r in rows:

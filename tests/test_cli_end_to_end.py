@@ -122,6 +122,8 @@ def test_nproc_launches_workers_through_torchrun(tiny_shapes, tmp_path):
     assert plan["num_train_images"] == 16
     planned = megdet("plan", "--config", "instant_test", *overrides, "--nproc", 2, "--json")
     assert planned.returncode == 0, planned.stderr[-3000:]
+    hardware = plan.pop("hardware")  # what the run computed on, which only training knows
+    assert hardware["device"] == "cpu" and hardware["threads"] >= 1
     assert json.loads(planned.stdout) == plan  # `megdet plan` shows what training does
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["iteration"] == 3
     # torchrun's parser used to take --run for its own --run-path ("ambiguous option").
@@ -141,6 +143,7 @@ def test_nproc_launches_workers_through_torchrun(tiny_shapes, tmp_path):
         (4, 8),
     ]
     assert document["step_time"]["bus_bandwidth"] > 0 and document["run_steps"] == 3
+    assert document["step_time"]["threads"] == hardware["threads"]
     reported = megdet("report", run, "--out", tmp_path / "report")
     assert reported.returncode == 0, reported.stderr[-3000:]
     assert (tmp_path / "report" / "projection.png").stat().st_size > 10_000

@@ -10,7 +10,10 @@ from megdet.errors import MegdetError
 from megdet.projection import (
     StepTime,
     Window,
+    calibrate,
     fit_step_time,
+    measure_step_time,
+    measure_threads,
     noise_from_gain,
     project,
     projection_dict,
@@ -58,13 +61,15 @@ NOISE = {1: 20.0, 2: 80.0, 3: None, 4: 160.0}  # epoch 3: |G|^2 <= 0, all noise
 
 
 def _run_folder(path, noise=NOISE, per_epoch=50, batch=32, evals=(10.0, 25.0, 35.0, 40.0),
-                adascale=False, gns=True):  # fmt: skip
+                adascale=False, gns=True, hardware=None):  # fmt: skip
     """A run of 4 epochs of 50 steps at batch 32 on 2 processes, logged every 10 steps, with
     the given noise scale per epoch, 0.5 s a step, and mmAP ``evals`` after each epoch."""
     path.mkdir()
     plan = {"global_batch": batch, "base_batch": 16, "world_size": 2,
             "images_per_device": batch // 2, "num_train_images": 1600,
             "lr_scaling": "adascale" if adascale else "linear"}  # fmt: skip
+    if hardware:
+        plan["hardware"] = hardware
     (path / "plan.json").write_text(json.dumps(plan))
     lines = []
     for epoch, value in noise.items():
@@ -131,6 +136,51 @@ def test_fit_step_time_is_the_line_through_two_points():
     fitted = fit_step_time({4: 0.30, 8: 0.50}, 100, 1e9)
     assert fitted.fixed_s == pytest.approx(0.10) and fitted.per_image_s == pytest.approx(0.05)
     assert fit_step_time({4: 0.5, 8: 0.49}, 100, 1e9).per_image_s == 0.0  # timing noise
+
+
+def test_calibration_adds_what_the_run_paid_beyond_the_measured_parts(tmp_path):
+    """The run logged 0.5 s a step at 16 images x 2 processes; the measured parts say 0.2 +
+    16 x 0.01 + 8 ms of all-reduce = 0.368 s: 0.132 s a step is added to every row."""
+    run = summarize_run(_run_folder(tmp_path / "run", hardware={"device": "cpu", "threads": 1}))
+    measured = StepTime(0.2, 0.01, 8_000_000, 1e9, {8: 0.28, 16: 0.36})
+    calibrated, line = calibrate(measured, run, "cpu")
+    assert calibrated.overhead_s == pytest.approx(0.5 - 0.368, rel=1e-12)
+    assert calibrated.seconds(16, 2) == pytest.approx(0.5, rel=1e-12)  # the run's own point
+    rows = project(run, calibrated, devices=[1, 8], per_device=[4], until=150)
+    for row in rows:
+        expected = measured.seconds(4, row.devices) + calibrated.overhead_s
+        assert row.step_s == pytest.approx(expected, rel=1e-12)
+    assert line.startswith("calibrated: the run logged 0.5 s per step at 16 images x 2")
+    # Calibrating twice changes nothing: the overhead is the run's minus the measured parts.
+    assert calibrate(calibrated, run, "cpu")[0].overhead_s == pytest.approx(calibrated.overhead_s)
+
+
+def test_no_calibration_across_kinds_of_device(tmp_path):
+    run = summarize_run(_run_folder(tmp_path / "run", hardware={"device": "cuda", "threads": 8}))
+    measured = StepTime(0.2, 0.01, 8_000_000, 1e9, {})
+    kept, line = calibrate(measured, run, "cpu")
+    assert kept == measured and line == (
+        "not calibrated: the run computed on cuda, the step was measured on cpu"
+    )
+    assert calibrate(measured, run, "cuda")[0].overhead_s != 0.0
+
+
+def test_a_step_is_measured_with_the_threads_of_one_of_the_runs_processes(tmp_path, monkeypatch):
+    import os
+
+    import torch
+
+    from megdet import projection
+
+    recorded = summarize_run(_run_folder(tmp_path / "a", hardware={"device": "cpu", "threads": 3}))
+    assert measure_threads(recorded, "cpu") == 3 and measure_threads(recorded, "cuda") is None
+    older = summarize_run(_run_folder(tmp_path / "b"))  # no hardware: megdet train's split
+    assert measure_threads(older, "cpu") == max(1, os.cpu_count() // 2)
+    seen = []
+    monkeypatch.setattr(projection, "_time_steps", lambda *a: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    measure_step_time(None, None, (1, 2), torch.device("cpu"), threads=1)
+    assert seen == [1] and torch.get_num_threads() == before
 
 
 def test_device_counts_that_divide_no_batch_are_a_one_line_error(tmp_path):

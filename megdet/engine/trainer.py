@@ -8,6 +8,7 @@ step uses the mean over the whole global batch (MegDet section 3.1, Goyal et al.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from megdet.engine.state import TrainingState
 from megdet.engine.stop import StopRequested, StopSignals
 from megdet.engine.task import Task
 from megdet.errors import MegdetError
+from megdet.hardware import describe
 from megdet.nn import training_norm
 from megdet.plan import Plan, make_plan
 from megdet.solver import build_optimizer, lr_at, set_lr
@@ -136,7 +138,8 @@ def train(
     _agreed(task.check_evaluation)  # evaluation reads these at the end: check them now
     if ctx.is_main:  # the run can start: only now does its folder change
         resumed_at = start_iter if resume else None  # 0: resumed with no checkpoint to load
-        start_run_dir(run_dir, dump_config(cfg), plan.to_json() + "\n", replace, resumed_at)
+        plan_json = json.dumps({**plan.to_dict(), "hardware": describe(ctx.device)}, indent=2)
+        start_run_dir(run_dir, dump_config(cfg), plan_json + "\n", replace, resumed_at)
     try:
         return _train_loop(cfg, task, run_dir, ctx, plan, model, start_iter, loop)
     finally:
