@@ -136,7 +136,7 @@ class RunSummary:
     lower_is_better: bool
     final: float  # the metric at its last evaluation, in percent
     evals: list[tuple[int, float]]  # (iteration, metric in percent)
-    logged_step_s: float | None  # the median logged seconds per step after the first epoch
+    logged_step_s: float | None  # the median logged seconds per step after the first record
     hardware: dict | None  # plan.json's: device, name, threads per process (None: older runs)
     windows: list[Window]
     unmeasured: list[int]  # epochs without a usable noise scale (filled from the others)
@@ -182,7 +182,8 @@ def summarize_run(run_dir: Path) -> RunSummary:
             f"--from {run_dir}: the run has no evaluation to project to (eval/metrics.json "
             "and its per-epoch evaluations are missing); let it finish, or run megdet eval"
         )
-    times = [r["time_per_iter"] for r in training if "time_per_iter" in r and r["epoch"] > 1]
+    # The first record holds the start-up; the median passes over the evaluations' spikes.
+    times = [r["time_per_iter"] for r in training[1:] if "time_per_iter" in r]
     return RunSummary(
         path=run_dir,
         global_batch=batch,
@@ -328,7 +329,7 @@ def measure_threads(run: RunSummary, device_type: str) -> int | None:
 
 
 def measure_step_time(
-    task, cfg, counts: tuple[int, int], device, repeats: int = 5, threads: int | None = None
+    task, cfg, counts: tuple[int, int], device, repeats: int = 9, threads: int | None = None
 ) -> dict:
     """Median seconds of a training step (forward, backward, SGD step) at each of ``counts``
     images on one process, through the task's interface, with ``threads`` CPU threads (None:
@@ -345,6 +346,10 @@ def measure_step_time(
 
 
 def _time_steps(task, cfg, counts: tuple[int, int], device, repeats: int) -> dict:
+    """Each timed step takes the next ``count`` training images, as the run's did: images of
+    other sizes and boxes cost differently, and the same batch over and over times only its
+    own. Where the run loaded its images in the loop (``data.num_workers: 0``), so does the
+    timing."""
     import torch
 
     from megdet.nn import training_norm
@@ -354,15 +359,20 @@ def _time_steps(task, cfg, counts: tuple[int, int], device, repeats: int) -> dic
     model = task.build_model("train", training_norm(cfg.model.norm)).to(device).train()
     optimizer = build_optimizer(model, cfg.solver, cfg.solver.base_lr)
     dataset, images = task.train_dataset(), task.num_train_images
-    seconds = {}
+    loads_in_loop = cfg.data.num_workers == 0
+    seconds, next_image = {}, 0
     for count in counts:
-        items = [dataset[(0, i % images)] for i in range(count)]
-        inputs, targets = task.to_device(task.collate(items), device)
         times = []
         for attempt in range(repeats + 2):  # two untimed: allocation, autotuning
+            indices = [(next_image + i) % images for i in range(count)]
+            next_image += count
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             begin = time.perf_counter()
+            batch = task.collate([dataset[(0, i)] for i in indices])
+            if not loads_in_loop:
+                begin = time.perf_counter()
+            inputs, targets = task.to_device(batch, device)
             task.begin_step(model, targets)
             loss = sum(task.global_batch_losses(model, model(inputs, targets)).values())
             optimizer.zero_grad(set_to_none=True)
@@ -394,7 +404,7 @@ def calibrate(step_time: StepTime, run: RunSummary, device_type: str) -> tuple[S
     run logged no step time or computed on another kind of device than ``device_type``: a
     CPU's overhead says nothing of a GPU's."""
     if run.logged_step_s is None:
-        return step_time, "not calibrated: the run logged no step time after its first epoch"
+        return step_time, "not calibrated: the run logged no step time after its first record"
     ran_on = (run.hardware or {}).get("device")
     if ran_on is not None and ran_on != device_type:
         return step_time, (
