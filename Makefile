@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.megdet-installed
 SHAPES := data/shapes/annotations/instances_train.json
 PATTERNS := data/patterns/val
+PATTERNS64 := data/patterns64/val
 
-.PHONY: install demo demo-classify test lint format bench bench-roi reproduce reproduce-quick device-wheels clean
+.PHONY: install demo demo-classify pretrain test lint format bench bench-roi reproduce reproduce-quick device-wheels clean
 
 install: $(STAMP)
 
@@ -30,6 +31,15 @@ $(PATTERNS): | $(STAMP)
 demo-classify: $(STAMP) $(PATTERNS)
 	$(PY) -m megdet train --config classify_demo --nproc 2 --out runs/classify_demo --overwrite
 	$(PY) -m megdet report runs/classify_demo
+
+$(PATTERNS64): | $(STAMP)
+	$(PY) -m megdet data patterns --out data/patterns64 --classes 36 --train 18000 --val 1800 --size 64 --seed 0
+
+# megdet pretrains the detector's own backbone (issue 26), as the MegDet-regime studies do:
+# then `megdet train --config default model.backbone_weights=runs/pretrain_tiny`.
+pretrain: $(STAMP) $(PATTERNS64)
+	$(PY) -m megdet train --config pretrain_tiny --nproc 2 --out runs/pretrain_tiny --overwrite
+	$(PY) -m megdet report runs/pretrain_tiny
 
 # Two test processes (pytest-xdist), one per core: most tests wait on process start-ups and
 # gloo, so two at a time take ~0.7x the time of one (BENCHMARKS.md, "The test suite").
@@ -94,6 +104,7 @@ reproduce-quick: $(STAMP)
 	$(PY) experiments/goyal_batch.py --quick --rows b256
 	$(PY) experiments/adascale.py --quick --rows b256-adascale
 	$(PY) experiments/demo_preset.py --quick --rows b64
+	$(PY) experiments/megdet_regime.py --quick --rows b256
 
 # What bench/device_suite.sh carries to the GPU machine (python 3.12, no registry there).
 device-wheels:

@@ -32,6 +32,10 @@ STUDY_SIZE = ["model.min_size=64", "model.max_size=64"]
 # Goyal's studies (issue 16): 10 classes of 32 px textured shapes, 10,000 images (quick: 2,500).
 PATTERNS = ROOT / "experiments" / "data" / "patterns32_10k"
 QUICK_PATTERNS = ROOT / "experiments" / "data" / "patterns32_2k"
+# Issue 26: the set megdet pretrains the detector's backbone on (`make pretrain`'s): all 36
+# classes at 64 px, the studies' detection size, 18,000 images (quick: 3,600).
+PATTERNS64 = ROOT / "experiments" / "data" / "patterns64_18k"
+QUICK_PATTERNS64 = ROOT / "experiments" / "data" / "patterns64_4k"
 DIVERGED = re.compile(r"training diverged at iteration (\d+) \(lr ([0-9.e+-]+)\)")
 
 
@@ -49,27 +53,32 @@ class Setting:
     config: str
     metric: str
     label: str
-    data: str = "study"  # "study": the 64 px study sets; "demo": the preset's own data/shapes
+    # "study": the 64 px study sets; "demo": the preset's own data/shapes; "patterns32" and
+    # "patterns64": the classification sets of Goyal's studies and of pretraining.
+    data: str = "study"
     # The studies of the linear rule keep it whatever the preset's solver.lr_scaling (auto
     # since issue 25); a row may still set it. None: the preset's own.
     lr_scaling: str | None = "linear"
 
 
 DETECTION = Setting("default", "mmAP", "mmAP")
-CLASSIFICATION = Setting("classify_demo", "top1_err", "top-1 error")
+CLASSIFICATION = Setting("classify_demo", "top1_err", "top-1 error", data="patterns32")
+PRETRAIN = Setting("pretrain_tiny", "top1_err", "top-1 error", data="patterns64")
 # The demo itself (issue 25): `make demo`'s 2,000 shapes images at 128 px, nothing overridden.
 DEMO = Setting("default", "mmAP", "mmAP", data="demo", lr_scaling=None)
 DEMO_DATA = ROOT / "data" / "shapes"
 QUICK_DEMO_DATA = ROOT / "experiments" / "data" / "shapes128_500"
 
 
-def ensure_patterns(folder: Path, train: int, val: int) -> list[str]:
+def ensure_patterns(
+    folder: Path, train: int, val: int, classes: int = 10, size: int = 32
+) -> list[str]:
     """Generate the classification set once; the overrides that point a run at it."""
     if not (folder / "val").is_dir():
         subprocess.run(
             [sys.executable, "-m", "megdet", "data", "patterns", "--out", str(folder),
-             "--classes", "10", "--train", str(train), "--val", str(val), "--size", "32",
-             "--seed", "0"],
+             "--classes", str(classes), "--train", str(train), "--val", str(val), "--size",
+             str(size), "--seed", "0"],
             check=True,
         )  # fmt: skip
     return [f"data.train.images={folder}/train", f"data.val.images={folder}/val"]
@@ -216,6 +225,7 @@ def main(
     rows: list[Row],
     report: bool = False,
     setting: Setting = DETECTION,
+    prepare=None,
 ):
     """A study's command line: ``--rows``, ``--seeds``, ``--quick``, ``--table-only``; runs to
     ``experiments/runs/NAME``, the table (rewritten after every run) to
@@ -225,7 +235,10 @@ def main(
     ``--quick`` runs the same rows on a quarter of the data (2,000 shapes images, 2,500
     patterns, 500 of the demo's), into ``runs/quick`` and
     ``results/quick``: a check that a study works end to end (``make reproduce-quick``), whose
-    numbers are not the study's."""
+    numbers are not the study's.
+
+    ``prepare(quick)``, where given, runs first and returns overrides every run takes (the
+    MegDet-regime studies: the pretrained backbone, trained once by its own study)."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--rows", help="comma-separated row names (default: all)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
@@ -242,9 +255,14 @@ def main(
             f"--rows: none of {args.rows} is a row; rows: {', '.join(r.name for r in rows)}"
         )
     base = ROOT / "experiments"
-    if setting is CLASSIFICATION:
+    if setting.data == "patterns32":
         folder, train, val = (QUICK_PATTERNS, 2500, 500) if args.quick else (PATTERNS, 10000, 2000)
         data = ensure_patterns(folder, train, val)
+    elif setting.data == "patterns64":
+        folder, train, val = (
+            (QUICK_PATTERNS64, 3600, 360) if args.quick else (PATTERNS64, 18000, 1800)
+        )
+        data = ensure_patterns(folder, train, val, classes=36, size=64)
     elif setting.data == "demo":  # `make demo`'s own set, generated as the Makefile does
         folder, train, val = (QUICK_DEMO_DATA, 500, 100) if args.quick else (DEMO_DATA, 2000, 200)
         data = ensure_shapes(folder, train=train, val=val, size=128)
@@ -253,6 +271,8 @@ def main(
         data = STUDY_SIZE + ensure_shapes(
             folder, train=train, val=200 if args.quick else 500, size=64
         )
+    if prepare is not None:
+        data = [*data, *prepare(args.quick)]
     if args.quick:
         runs, results_dir = base / "runs" / "quick" / name, base / "results" / "quick"
     else:

@@ -24,7 +24,7 @@ from megdet.errors import ConfigError
 
 BACKBONES = ("tiny", "resnet18", "resnet50", "resnet20", "resnet56")
 DETECTION_BACKBONES = ("tiny", "resnet18", "resnet50")
-CLASSIFICATION_BACKBONES = ("resnet18", "resnet50", "resnet20", "resnet56")
+CLASSIFICATION_BACKBONES = ("tiny", "resnet18", "resnet50", "resnet20", "resnet56")
 AUGMENTS = ("random_resized_crop", "pad_crop", "none")
 NORMS = ("frozen", "bn", "gn", "cgbn")
 NORM_SCOPES = ("backbone", "backbone+fpn", "all")
@@ -120,10 +120,14 @@ class ModelConfig:
         4, "[1, inf)"
     )  # conv layers of the box head when norm_scope is "all"
     # imagenet (torchvision's ImageNet weights for model.backbone, through the torch hub
-    # cache), a local torchvision ResNet state_dict file, or none (random initialization on
+    # cache), a megdet run folder or checkpoint of either task with this backbone (its body's
+    # weights and BN statistics), a local state_dict file, or none (random initialization on
     # purpose). Unset: random, refused under frozen norm or frozen stages when training
     # (validate_initialization).
     backbone_weights: str = ""
+    # The sha256 of the backbone_weights file. Empty: megdet train records it (and the file's
+    # resolved path) in the run's config.yaml; given: a file with another one is refused.
+    backbone_weights_sha256: str = ""
     # 1: stem, 2: stem and res2, ... Frozen stages keep their weights and normalize with
     # fixed statistics (FrozenBatchNorm2d), whatever model.norm is (detectron2's FREEZE_AT).
     frozen_stages: int = bounded(0, "[0, 5]")

@@ -45,6 +45,26 @@ def tiny_shapes(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory) -> Path:
+    """A megdet classification checkpoint of the tiny backbone (issue 26), its weights and BN
+    statistics drawn at random so that a detector that starts from it is told apart."""
+    from megdet.nn import norm_layer
+    from megdet.nn.tiny_resnet import TinyResNetClassifier
+    from megdet.tasks.classification.model import Classifier
+
+    torch.manual_seed(26)
+    classifier = Classifier(TinyResNetClassifier(norm_layer("bn"), 36))
+    with torch.no_grad():
+        for name, tensor in classifier.state_dict().items():
+            if tensor.is_floating_point():
+                tensor.uniform_(0.5, 1.5) if "running_var" in name else tensor.normal_(0, 0.1)
+    path = tmp_path_factory.mktemp("pretrained") / "last.pt"
+    config = {"task": "classification", "model": {"backbone": "tiny"}}
+    torch.save({"model": classifier.state_dict(), "config": config}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def coco128() -> Path:
     if not (COCO128 / "annotations" / "instances_train2017.json").is_file():
         pytest.skip("../shared/data/coco128 is not on this machine")

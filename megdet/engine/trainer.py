@@ -7,6 +7,7 @@ step uses the mean over the whole global batch (MegDet section 3.1, Goyal et al.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -31,6 +32,7 @@ from megdet.engine.task import Task
 from megdet.errors import MegdetError
 from megdet.hardware import describe
 from megdet.nn import training_norm
+from megdet.nn.weights import record_backbone_source
 from megdet.plan import Plan, make_plan
 from megdet.solver import build_optimizer, lr_at, set_lr
 from megdet.solver.adascale import AdaScale
@@ -77,6 +79,10 @@ def train(
     ``replace`` moves a previous run's files aside once this one is ready to start, deletes
     them at its first checkpoint, and puts them back if it ends without one.
     """
+    found = _find_checkpoint(run_dir, ctx) if resume else None
+    # The run's config.yaml records the backbone file it started from: a fresh run resolves
+    # it, a resumed one keeps what its checkpoint recorded.
+    cfg = dataclasses.replace(cfg, model=_agreed(lambda: _backbone_source(cfg.model, found)))
     memory = None
     if cfg.train.images_per_device == "auto":  # measured once, the same answer on every rank
         memory = task.estimate_memory() if ctx.is_main else None
@@ -89,7 +95,6 @@ def train(
     norm = training_norm(cfg.model.norm, plan.bn_groups, ctx.world_size)
     # A resumed run loads its checkpoint, a fresh one the pretrained backbone (rank 0 only: the
     # others receive the weights); the same initial weights on every rank either way.
-    found = _find_checkpoint(run_dir, ctx) if resume else None
     torch.manual_seed(cfg.train.seed)
     model = _agreed(lambda: task.build_model(norm=norm, pretrained=ctx.is_main and not found))
     dtype = getattr(torch, cfg.train.dtype)  # float32, or float64 for numerical references
@@ -359,6 +364,16 @@ def _agreed(build):
     if problems:
         raise MegdetError(problems[0])
     return result
+
+
+def _backbone_source(model, found):
+    """``model`` (the ModelConfig) with ``backbone_weights`` and its sha256 as the run records
+    them: resolved and hashed for a fresh run, the checkpoint's for a resumed one."""
+    if not found:
+        return record_backbone_source(model)
+    saved = found[0].get("config", {}).get("model", {})
+    keys = ("backbone_weights", "backbone_weights_sha256")
+    return dataclasses.replace(model, **{k: saved.get(k, getattr(model, k)) for k in keys})
 
 
 def _find_checkpoint(run_dir: Path, ctx):

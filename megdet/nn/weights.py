@@ -1,7 +1,11 @@
-"""ImageNet (or a local file's) weights for a torchvision ResNet, for every task's model."""
+"""Pretrained weights for a backbone, for every task's model: torchvision's ImageNet weights, a
+megdet checkpoint of either task (issue 26: megdet pretrains its own backbones), or a plain
+state_dict file; and the record of which file a run started from."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 from pathlib import Path
 from urllib.error import URLError
@@ -15,21 +19,30 @@ from megdet.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+# Where each task's model keeps the backbone body in its state_dict: a classifier's whole net
+# is the body plus ``fc``; a detector's body sits under its FPN.
+BODY_PREFIXES = {"classification": "net.", "detection": "backbone.body."}
+RUN_CHECKPOINT = Path("checkpoints") / "last.pt"
 
-def load_resnet_weights(body: nn.Module, backbone: str, source: str) -> None:
-    """ImageNet weights into the ResNet ``body``: torchvision's own (``imagenet``, through the
-    torch hub cache) or a local state_dict file of that ResNet; the classifier is ignored."""
+
+def load_backbone_weights(body: nn.Module, backbone: str, source: str) -> None:
+    """Pretrained weights and BN statistics into the backbone ``body`` (a classifier's net, or
+    a detector's ResNet body); any classifier (``fc``) in the source is ignored. ``source``:
+    ``imagenet`` (torchvision's, through the torch hub cache), a megdet run folder or
+    checkpoint of either task with the same ``model.backbone``, or a state_dict file."""
     if source == "imagenet":
         state, source = _imagenet_state_dict(backbone)
     else:
+        path = checkpoint_file(source)
         try:
-            state = torch.load(source, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise ConfigError(f"model.backbone_weights: file not found: {source}") from None
-        except Exception as exc:
-            raise ConfigError(f"model.backbone_weights: cannot load {source} ({exc})") from None
-        if not isinstance(state, dict):
-            raise ConfigError(f"model.backbone_weights: {source} does not hold a state_dict")
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch's own message runs over lines: its first one
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise ConfigError(
+                f"model.backbone_weights: cannot load {path} ({reason}); pass a file that "
+                "torch.save wrote"
+            ) from None
+        state = _body_state(loaded, path, backbone)
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     try:
         missing, unexpected = body.load_state_dict(state, strict=False)
@@ -45,6 +58,78 @@ def load_resnet_weights(body: nn.Module, backbone: str, source: str) -> None:
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     log.info("loaded backbone weights from %s", source)
+
+
+def checkpoint_file(source: str | Path) -> Path:
+    """The file ``model.backbone_weights`` names: itself, or a run folder's last checkpoint."""
+    path = Path(source)
+    if path.is_dir():
+        if not (path / RUN_CHECKPOINT).is_file():
+            raise ConfigError(
+                f"model.backbone_weights: {path} is a folder without {RUN_CHECKPOINT}; pass a "
+                "megdet run folder that saved a checkpoint, or a weights file"
+            )
+        return path / RUN_CHECKPOINT
+    if not path.is_file():
+        raise ConfigError(f"model.backbone_weights: file not found: {path}")
+    return path
+
+
+def _body_state(loaded, path: Path, backbone: str) -> dict:
+    """The backbone body's tensors: from a megdet checkpoint (its model's body, once its task
+    and backbone are known to fit), or the file's state_dict as it is."""
+    if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict) and "config" in loaded:
+        config = loaded["config"] if isinstance(loaded["config"], dict) else {}
+        task = config.get("task", "detection")
+        trained = (config.get("model") or {}).get("backbone")
+        if trained != backbone:
+            raise ConfigError(
+                f"model.backbone_weights: {path} is a {task} checkpoint of backbone {trained}, "
+                f"not {backbone}; set model.backbone={trained}, or pretrain a {backbone}"
+            )
+        prefix = BODY_PREFIXES.get(task)
+        if prefix is None:
+            raise ConfigError(f"model.backbone_weights: {path}: a checkpoint of task {task}")
+        model = loaded["model"]
+        return {k[len(prefix) :]: v for k, v in model.items() if k.startswith(prefix)}
+    if (
+        not isinstance(loaded, dict)
+        or not loaded
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items())
+    ):
+        raise ConfigError(
+            f"model.backbone_weights: {path} is neither a megdet checkpoint nor a state_dict; "
+            "pass RUN/checkpoints/last.pt, a run folder, or a file of torch.save(state_dict)"
+        )
+    return loaded
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def record_backbone_source(cfg):
+    """``cfg`` (a ModelConfig) with ``backbone_weights`` resolved to the file it names (a run
+    folder's last checkpoint) and ``backbone_weights_sha256`` to that file's, so that the
+    run's config.yaml says what it started from; a given sha256 that differs is refused: the
+    file changed since the run that recorded it."""
+    source = cfg.backbone_weights
+    if source in ("", "none", "imagenet"):
+        return cfg
+    path = checkpoint_file(source).resolve()
+    digest = file_sha256(path)
+    expected = cfg.backbone_weights_sha256
+    if expected and expected != digest:
+        raise ConfigError(
+            f"model.backbone_weights_sha256: {path} has sha256 {digest[:16]}..., not "
+            f"{expected[:16]}...: the file changed since this was recorded; point at the "
+            "original, or clear model.backbone_weights_sha256 to start from this one"
+        )
+    return dataclasses.replace(cfg, backbone_weights=str(path), backbone_weights_sha256=digest)
 
 
 def _imagenet_state_dict(backbone: str) -> tuple[dict, str]:

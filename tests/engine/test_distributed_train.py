@@ -62,7 +62,7 @@ def test_pretrained_backbone_read_by_rank_0_reaches_every_rank(tiny_shapes, tmp_
     """Only rank 0 reads model.backbone_weights; the frozen stem and res2 of every rank end
     with the file's weights and statistics, untouched by training."""
     from megdet.nn import norm_layer
-    from megdet.tasks.detection.backbone import TinyResNet
+    from megdet.nn.tiny_resnet import TinyResNet
 
     torch.manual_seed(123)
     pretrained = TinyResNet(norm_layer("bn"))

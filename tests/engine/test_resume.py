@@ -6,12 +6,14 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from megdet import dist
 from megdet.config import load_config
 from megdet.engine.checkpoint import newest_checkpoint, save_checkpoint
 from megdet.engine.trainer import train
 from megdet.errors import MegdetError
+from megdet.nn.weights import file_sha256
 from megdet.tasks.detection.task import DetectionTask
 from tests.conftest import instant_overrides
 from tests.distributed import run_in_processes
@@ -24,14 +26,17 @@ VARIANTS = {
     # run starts between two measurements
     "agvm": ["solver.module_lr=agvm", "solver.agvm.start_epochs=1", "solver.agvm.interval=3",
              "solver.agvm.momentum=0.5"],
+    # a backbone megdet pretrained (issue 26): read by the fresh run, not by the resumed one
+    "pretrained": ["model.backbone_weights={backbone}"],
 }  # fmt: skip
 
 
-def _train(rank, world_size, root, run_dir, max_iter, resume, variant="float32"):
+def _train(rank, world_size, root, run_dir, max_iter, resume, variant="float32", backbone=""):
+    overrides = [o.format(backbone=backbone) for o in VARIANTS[variant]]
     cfg = load_config(
         "instant_test",
         [*instant_overrides(root), f"train.max_iter={max_iter}", "train.checkpoint_period=4",
-         "log.period=1", "model.norm=cgbn", "data.hflip=true", *VARIANTS[variant]],
+         "log.period=1", "model.norm=cgbn", "data.hflip=true", *overrides],
     )  # fmt: skip
     result = train(cfg, DetectionTask(cfg), run_dir, dist.init_distributed(), resume=resume)
     return result.model.state_dict()
@@ -51,16 +56,19 @@ def _losses(run_dir):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_stop_and_resume_gives_the_weights_of_a_straight_run(tiny_shapes, tmp_path, variant):
+def test_stop_and_resume_gives_the_weights_of_a_straight_run(
+    tiny_shapes, tmp_path, variant, tiny_backbone
+):
     straight, split = tmp_path / "straight", tmp_path / "split"
     straight.mkdir()
     split.mkdir()
-    expected = run_in_processes(_train, 2, tiny_shapes, straight, 8, False, variant)[0]
-    run_in_processes(_train, 2, tiny_shapes, split, 4, False, variant)
+    how = (variant, str(tiny_backbone))
+    expected = run_in_processes(_train, 2, tiny_shapes, straight, 8, False, *how)[0]
+    run_in_processes(_train, 2, tiny_shapes, split, 4, False, *how)
     # What a crash after the checkpoint leaves behind: a line the resumed run will log again.
     with open(split / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"iter": 5, "loss": 123.0}) + "\n")
-    resumed = run_in_processes(_train, 2, tiny_shapes, split, 8, True, variant)[0]
+    resumed = run_in_processes(_train, 2, tiny_shapes, split, 8, True, *how)[0]
     for key, value in expected.items():
         assert torch.equal(resumed[key], value), key  # bitwise: same world size, same CPU
     assert _losses(split) == _losses(straight)
@@ -70,6 +78,10 @@ def test_stop_and_resume_gives_the_weights_of_a_straight_run(tiny_shapes, tmp_pa
     assert (state["iteration"], state["epoch"], state["position_in_epoch"]) == (8, 4, 0)
     if variant == "fp16":
         assert state["amp"]["scaler"]["scale"] > 0
+    if variant == "pretrained":  # the resumed run's config.yaml still says what it started from
+        recorded = yaml.safe_load((split / "config.yaml").read_text())["model"]
+        assert recorded["backbone_weights_sha256"] == file_sha256(tiny_backbone)
+        assert recorded["backbone_weights"] == str(tiny_backbone.resolve())
     if variant == "agvm":  # measured at iterations 2 (before the stop at 4) and 5 (after)
         factors = [f for _, _, f in _losses(straight).values()]
         assert factors[:2] == [None, None] and len(set(factors[2:])) == 2, factors

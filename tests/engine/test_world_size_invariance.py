@@ -45,12 +45,13 @@ FLOAT64_REL = 1e-9  # float64 rounding (1e-16) amplified as float32's is (1e-7 -
 FLOAT32_FACTOR = 10  # two float32 gradients apart vs one from the float64 truth: ~1-1.4
 
 
-def _train(rank, world_size, root, run_dir, norm, dtype, iterations):
+def _train(rank, world_size, root, run_dir, norm, dtype, iterations, extra):
     cfg = load_config(
         "instant_test",
         [
             *instant_overrides(root),
             *NORMS[norm],
+            *extra,
             f"train.dtype={dtype}",
             "data.hflip=true",
             "train.batch_size=8",
@@ -76,10 +77,10 @@ def _train(rank, world_size, root, run_dir, norm, dtype, iterations):
     return {"weights": weights, "roi_counts": roi_counts}
 
 
-def _run(tmp_path, tiny_shapes, world, norm, dtype, iterations=5):
+def _run(tmp_path, tiny_shapes, world, norm, dtype, iterations=5, extra=()):
     run_dir = tmp_path / f"{norm}-{dtype}-world{world}-{iterations}"
     run_dir.mkdir()
-    out = run_in_processes(_train, world, tiny_shapes, run_dir, norm, dtype, iterations)
+    out = run_in_processes(_train, world, tiny_shapes, run_dir, norm, dtype, iterations, extra)
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     losses = [{k: v for k, v in r.items() if k.startswith("loss")} for r in records if "loss" in r]
@@ -127,6 +128,22 @@ def test_same_global_batch_same_training_for_1_2_and_4_processes(tiny_shapes, tm
     assert len(first) == 5 and first != second, (first, second)
     for world in (2, 4):
         _assert_float64_equal(runs[world], runs[1], f"{norm}, {world} processes")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_pretrained_backbone_keeps_the_invariance(tiny_shapes, tmp_path, tiny_backbone):
+    """Issue 26: from a megdet classification checkpoint (rank 0 reads it, the others receive
+    it), 1 and 2 processes train the same; the frozen stem is the file's throughout."""
+    extra = [f"model.backbone_weights={tiny_backbone}", "model.frozen_stages=1"]
+    one, two = (_run(tmp_path, tiny_shapes, w, "cgbn", "float64", extra=extra) for w in (1, 2))
+    _assert_float64_equal(two, one, "pretrained, 2 processes")
+    saved = torch.load(tiny_backbone, weights_only=True)["model"]
+    stem = [k for k in saved if k.startswith("net.stem.") and saved[k].is_floating_point()]
+    assert stem
+    for key in stem:
+        loaded = two["weights"]["backbone.body." + key[len("net.") :]]
+        assert torch.equal(loaded, saved[key].double()), key
 
 
 @pytest.mark.slow

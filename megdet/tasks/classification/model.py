@@ -1,7 +1,8 @@
-"""Classifiers: torchvision's ResNet-18/50 and the CIFAR ResNets (He et al. 2016, section 4.2:
-3 stages of 16/32/64 channels, 6n+2 layers; torchvision has none), built with the configured
-normalization, the last BN gamma of each residual block zero-initialized (Goyal et al. 5.1: each
-block starts as the identity, which eases early training at large learning rates)."""
+"""Classifiers: torchvision's ResNet-18/50, the detector's tiny ResNet (which megdet pretrains
+for it), and the CIFAR ResNets (He et al. 2016, section 4.2: 3 stages of 16/32/64 channels,
+6n+2 layers; torchvision has none), built with the configured normalization, the last BN gamma
+of each residual block zero-initialized (Goyal et al. 5.1: each block starts as the identity,
+which eases early training at large learning rates)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from torchvision.models import resnet
 from megdet.config import Config
 from megdet.errors import ConfigError
 from megdet.nn import norm_layer
-from megdet.nn.weights import load_resnet_weights
+from megdet.nn.tiny_resnet import TinyResNetClassifier
+from megdet.nn.weights import load_backbone_weights
 
 CIFAR_DEPTHS = {"resnet20": 20, "resnet56": 56}
 
@@ -88,16 +90,20 @@ def build_classifier(
     name = cfg.model.backbone
     if name in CIFAR_DEPTHS:
         net = CifarResNet(CIFAR_DEPTHS[name], num_classes, norm)
+    elif name == "tiny":  # the detector's own tiny body: megdet pretrains it (issue 26)
+        net = TinyResNetClassifier(norm, num_classes)
     else:
         net = getattr(resnet, name)(weights=None, num_classes=num_classes, norm_layer=norm)
     if cfg.classification.zero_init_residual:
         _zero_last_gammas(net)
-    if pretrained and cfg.model.backbone_weights not in ("", "none"):
-        if name in CIFAR_DEPTHS:
+    source = cfg.model.backbone_weights
+    if pretrained and source not in ("", "none"):
+        if source == "imagenet" and name in CIFAR_DEPTHS:
             raise ConfigError(
-                f"model.backbone_weights: there are no ImageNet weights for {name}; use none"
+                f"model.backbone_weights: there are no ImageNet weights for {name}; pass a "
+                "megdet checkpoint of one, or none"
             )
-        load_resnet_weights(net, name, cfg.model.backbone_weights)
+        load_backbone_weights(net, name, source)
     return Classifier(net, cfg.classification.label_smoothing)
 
 

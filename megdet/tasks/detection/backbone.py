@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-import torch
 from torch import nn
 from torchvision.models import resnet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
@@ -14,57 +13,10 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from megdet.config import ModelConfig
 from megdet.nn import freeze_batchnorm
 from megdet.nn.recompute import checkpoint_module
-from megdet.nn.weights import load_resnet_weights
+from megdet.nn.tiny_resnet import STAGES, TinyResNet
+from megdet.nn.weights import load_backbone_weights
 
 log = logging.getLogger(__name__)
-
-STAGES = ("layer1", "layer2", "layer3", "layer4")
-
-
-class TinyResNet(nn.Module):
-    """A ResNet of BasicBlocks at a quarter of ResNet-18's widths, for CPU training.
-
-    Same strides and stage names as torchvision's ResNet (C2..C5 at 1/4..1/32), so the FPN and
-    every other part of the detector are the ones used with ResNet-50.
-    """
-
-    def __init__(
-        self,
-        norm: Callable[[int], nn.Module],
-        widths: tuple[int, ...] = (16, 32, 64, 128),
-        blocks: tuple[int, ...] = (2, 2, 2, 2),
-    ) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, widths[0], 3, stride=2, padding=1, bias=False),
-            norm(widths[0]),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(widths[0], widths[0], 3, stride=2, padding=1, bias=False),
-            norm(widths[0]),
-            nn.ReLU(inplace=True),
-        )
-        in_channels = widths[0]
-        for i, (width, count) in enumerate(zip(widths, blocks, strict=True)):
-            layers = []
-            for j in range(count):
-                stride = 2 if i > 0 and j == 0 else 1
-                downsample = None
-                if stride != 1 or in_channels != width:
-                    downsample = nn.Sequential(
-                        nn.Conv2d(in_channels, width, 1, stride=stride, bias=False), norm(width)
-                    )
-                layers.append(
-                    resnet.BasicBlock(in_channels, width, stride, downsample, norm_layer=norm)
-                )
-                in_channels = width
-            self.add_module(STAGES[i], nn.Sequential(*layers))
-        self.widths = widths
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for name in STAGES:
-            x = getattr(self, name)(x)
-        return x
 
 
 def build_backbone(
@@ -85,7 +37,7 @@ def build_backbone(
         widths = [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
         stem = ["conv1", "bn1"]
     if pretrained and cfg.backbone_weights not in ("", "none"):
-        load_resnet_weights(body, cfg.backbone, cfg.backbone_weights)
+        load_backbone_weights(body, cfg.backbone, cfg.backbone_weights)
     # detectron2's FREEZE_AT: 1 freezes the stem, 2 the stem and res2, ...
     stages = [stem, *([name] for name in STAGES)]
     for names in stages[: cfg.frozen_stages]:

@@ -1,0 +1,64 @@
+"""MegDet's own regime at small scale (issue 26): the detector's backbone pretrained by megdet
+(``pretrain.py``'s ``b128``, trained first if it is not there), then Table 3's recipe
+(``table3_cgbn.py``: 3 epochs of warmup, gradient norm clipped at 1, linear rule) at batch 16
+to 256, only ``train.batch_size`` changing; the from-scratch column is ``table3_cgbn.md``.
+Rows ``b16-from-bB``: Goyal et al.'s pre-training table, batch 16 from the backbone
+``pretrain.py`` trained at batch B (run ``pretrain.py --rows bB-linear`` first).
+
+    python experiments/megdet_regime.py [--rows b16,b256] [--seeds 0,1]
+
+Runs go to ``experiments/runs/megdet_regime/``; the table to
+``experiments/results/megdet_regime.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from pretrain import BACKBONE_ROW, GOYAL_BATCHES
+from study import ROOT, Row, main
+from table3_cgbn import RECIPE
+
+
+def pretrained_backbone(quick: bool) -> list[str]:
+    """The pretrain study's backbone run (trained once, then reused): the override that starts
+    every detector from it."""
+    runs = ROOT / "experiments" / "runs" / ("quick/pretrain" if quick else "pretrain")
+    folder = runs / f"{BACKBONE_ROW}-s0"
+    if not (folder / "study_result.json").is_file():
+        subprocess.run(
+            [sys.executable, str(ROOT / "experiments" / "pretrain.py"), "--rows", BACKBONE_ROW,
+             "--seeds", "0", *(["--quick"] if quick else [])],
+            check=True,
+        )  # fmt: skip
+    error = json.loads((folder / "study_result.json").read_text())["top1_err"]
+    print(f"backbone: {folder} (top-1 error {error:.2f}%)", flush=True)
+    return [f"model.backbone_weights={folder}"]
+
+
+ROWS = [Row(f"b{b}", [f"train.batch_size={b}", *RECIPE]) for b in (16, 32, 64, 128, 256)]
+# Goyal et al.'s pre-training table: batch 16 (row b16's run) from each backbone pretrain.py
+# trained at a larger batch under the linear rule; its rows must have run first.
+PRETRAIN_RUNS = ROOT / "experiments" / "runs" / "pretrain"
+ROWS += [
+    Row(f"b16-from-b{b}", ["train.batch_size=16", *RECIPE,
+                           f"model.backbone_weights={PRETRAIN_RUNS}/b{b}-linear-s0"])
+    for b in GOYAL_BATCHES
+]  # fmt: skip
+
+if __name__ == "__main__":
+    main(
+        "megdet_regime",
+        __doc__,
+        "MegDet Table 3 in its own regime: a backbone megdet pretrained, batch 16 to 256 "
+        "(issue 26)",
+        "Demo detector (`--config default`) from `pretrain.py`'s b128 backbone (tiny ResNet, "
+        "36 textured shapes at 64 px), 2 gloo processes, CGBN over both (BN size = the global "
+        "batch), 8,000 shapes images at 64 px (val: 500), 7 epochs, linearly scaled lr (0.04 "
+        "per 16 images), 3 epochs of warmup, gradient norm clipped at 1: table3_cgbn.md's "
+        "recipe, whose runs start from random weights.",
+        ROWS,
+        prepare=pretrained_backbone,
+    )
