@@ -2,7 +2,9 @@
 (``pretrain.py``'s ``b128``, trained first if it is not there), then Table 3's recipe
 (``table3_cgbn.py``: 3 epochs of warmup, gradient norm clipped at 1, linear rule) at batch 16
 to 256, only ``train.batch_size`` changing; the from-scratch column is ``table3_cgbn.md``.
-Rows ``b16-from-bB``: Goyal et al.'s pre-training table, batch 16 from the backbone
+Rows ``bnN``: MegDet's BN size at batch 128; ``b256-agvm``, ``b512``, ``b512-agvm``: AGVM in
+this regime; ``frozen-bB``: Goyal et al.'s detection table (batch 2 ... 16, BN frozen). Rows
+``b16-from-bB``: Goyal et al.'s pre-training table, batch 16 from the backbone
 ``pretrain.py`` trained at batch B (run ``pretrain.py --rows bB-linear`` first).
 
     python experiments/megdet_regime.py [--rows b16,b256] [--seeds 0,1]
@@ -17,6 +19,7 @@ import json
 import subprocess
 import sys
 
+from agvm import AGVM, B256, BATCH
 from pretrain import BACKBONE_ROW, GOYAL_BATCHES
 from study import ROOT, Row, main
 from table3_cgbn import RECIPE
@@ -39,6 +42,21 @@ def pretrained_backbone(quick: bool) -> list[str]:
 
 
 ROWS = [Row(f"b{b}", [f"train.batch_size={b}", *RECIPE]) for b in (16, 32, 64, 128, 256)]
+# MegDet's BN-size row (bn_size.py's, batch 128) and AGVM at 256 and 512 (agvm.py's rows):
+# AGVM assumes a backbone whose half-batch gradients agree, which a pretrained one may give.
+ROWS += [
+    Row(f"bn{size}", ["train.batch_size=128", f"model.bn_size={size}", *RECIPE])
+    for size in (2, 8, 32)  # 128: row b128
+]
+ROWS += [Row("b256-agvm", [*B256, *AGVM]), Row("b512", BATCH), Row("b512-agvm", [*BATCH, *AGVM])]
+# Goyal et al.'s detection table (their Mask R-CNN, kn = 2 ... 16, the linear rule): batch 2,
+# 4, 8 on 2 processes, BN frozen at the pretrained statistics (1 image a process: batch
+# statistics would be of one image), the iterations scaled inversely by the plan (batch 2:
+# 28,000 steps, about 1.5 hours here).
+ROWS += [
+    Row(f"frozen-b{b}", [f"train.batch_size={b}", "model.norm=frozen", *RECIPE])
+    for b in (2, 4, 8, 16)
+]
 # Goyal et al.'s pre-training table: batch 16 (row b16's run) from each backbone pretrain.py
 # trained at a larger batch under the linear rule; its rows must have run first.
 PRETRAIN_RUNS = ROOT / "experiments" / "runs" / "pretrain"

@@ -13,9 +13,11 @@ from megdet.data.patterns import generate_patterns
 from megdet.engine.task import Task
 from megdet.engine.trainer import train
 from megdet.errors import ConfigError, DataError
+from megdet.nn import norm_layer
 from megdet.tasks import build_task
 from megdet.tasks.classification import data
 from megdet.tasks.classification.model import build_classifier
+from megdet.tasks.detection.backbone import build_backbone
 from tests.conftest import megdet
 from tests.distributed import run_in_processes
 
@@ -150,8 +152,12 @@ def test_classification_is_a_task_and_refuses_what_it_cannot_do(patterns):
     assert list(groups) == ["backbone", "head"] and len(groups["head"]) == 2  # fc weight, bias
     with pytest.raises(ConfigError, match="train.checkpointing"):
         build_task(_cfg(patterns, "train.checkpointing=stages"))
-    with pytest.raises(ConfigError, match="model.backbone: 'tiny' is not a classification"):
-        _cfg(patterns, "model.backbone=tiny")
+    with pytest.raises(ConfigError, match="model.backbone: 'resnet20' is not a detection"):
+        load_config("instant_test", ["model.backbone=resnet20"])
+    # The detector's tiny body classifies too (issue 26): the same names, plus fc.
+    tiny = build_task(_cfg(patterns, "model.backbone=tiny")).build_model().state_dict()
+    body = build_backbone(load_config("instant_test", []).model, norm_layer("bn")).body
+    assert {k[len("net.") :] for k in tiny if not k.startswith("net.fc.")} == set(body.state_dict())
     with pytest.raises(ConfigError, match="data.train.images: .* is not a folder"):
         _ = build_task(_cfg(patterns, "data.train.images=/nonexistent")).num_train_images
 
