@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from megdet import dist
@@ -152,8 +153,28 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+SEED_HELP = "random seed: one seed writes byte-identical files"
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's default in its help, where it has one the help does not already say."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        shown = "default" in text or any(default is v for v in (None, False, argparse.SUPPRESS))
+        flag = action.nargs == 0  # --overwrite, --no-calibrate: their help says what they do
+        if action.option_strings and not action.required and not shown and not flag:
+            text += " (default: %(default)s)"
+        return text
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """Usage errors as one line, as every other megdet error (exit code 2)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -164,7 +185,6 @@ def _parser() -> argparse.ArgumentParser:
         prog="megdet",
         description="Train object detectors with large mini-batches (MegDet) on torch.distributed.",
         epilog="examples:\n" + __doc__.split("\n\n")[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -176,7 +196,9 @@ def _parser() -> argparse.ArgumentParser:
     shapes.add_argument("--val", type=int, required=True, help="number of validation images")
     shapes.add_argument("--size", type=int, default=128, help="image side (height) in pixels")
     shapes.add_argument("--width", type=int, help="image width in pixels (default: --size)")
-    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument(
+        "--seed", type=int, default=0, help="random seed: one seed writes byte-identical files"
+    )
     shapes.add_argument("--overwrite", action="store_true", help="replace a set already there")
     shapes.set_defaults(handler=_cmd_shapes)
     patterns = data_commands.add_parser(
@@ -187,7 +209,9 @@ def _parser() -> argparse.ArgumentParser:
     patterns.add_argument("--train", type=int, required=True, help="number of training images")
     patterns.add_argument("--val", type=int, required=True, help="number of validation images")
     patterns.add_argument("--size", type=int, default=32, help="image side in pixels")
-    patterns.add_argument("--seed", type=int, default=0)
+    patterns.add_argument(
+        "--seed", type=int, default=0, help="random seed: one seed writes byte-identical files"
+    )
     patterns.add_argument("--overwrite", action="store_true", help="replace a set already there")
     patterns.set_defaults(handler=_cmd_patterns)
     check = data_commands.add_parser("check", help="validate a COCO dataset, every problem at once")
@@ -580,6 +604,7 @@ def _cmd_train(args) -> int:
         if problem:
             raise MegdetError(problem)
         task = build_task(cfg)
+        began = time.perf_counter()
         try:
             result = train(cfg, task, run_dir, ctx, resume=resume, replace=overwrite)
         except StopRequested as stopped:
@@ -593,6 +618,7 @@ def _cmd_train(args) -> int:
             return STOPPED_EXIT_CODE
         if ctx.is_main:
             _print_final(run_dir, task, result.metrics)
+            _print_where(run_dir, result.steps, time.perf_counter() - began)
         dist.barrier()  # see dist.barrier: every rank done before any tears down
     finally:
         lock.release()
@@ -728,6 +754,16 @@ def _cmd_predict(args) -> int:
 def _print_final(run_dir: Path, task, metrics: dict[str, float]) -> None:
     print(f"\n{task.metrics_name} on the val split ({run_dir}/eval/metrics.json):")
     print(task.format_metrics(metrics))
+
+
+def _print_where(run_dir: Path, steps: int, seconds: float) -> None:
+    """What a finished run leaves and how long it took: the last lines a user reads."""
+    minutes, rest = divmod(round(seconds), 60)
+    took = f"{minutes} min {rest} s" if minutes else f"{rest} s"
+    print(f"\ntrained {steps} steps in {took}")
+    print(f"run folder: {run_dir} (config.yaml, plan.json, metrics.jsonl, eval/)")
+    print(f"checkpoint: {run_dir / 'checkpoints' / 'last.pt'}")
+    print(f"plots:      megdet report {run_dir}")
 
 
 def _under_launcher() -> bool:

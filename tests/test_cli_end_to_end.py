@@ -107,7 +107,11 @@ def test_missing_data_is_a_one_line_error(tmp_path):
         f"data.train.json={tmp_path}/nope.json",
     )  # fmt: skip
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"megdet: error: {tmp_path}/nope.json: annotation file not found"
+    assert proc.stderr.strip() == (
+        f"megdet: error: data.train.json: {tmp_path}/nope.json not found; pass "
+        "data.train.json=FILE and data.train.images=DIR, or, for the presets' demo data, run "
+        "`make demo` in the repository first (it writes data/shapes) and run from there"
+    )
 
 
 @pytest.mark.slow

@@ -46,6 +46,7 @@ class TrainResult:
     model: torch.nn.Module
     plan: Plan
     metrics: dict[str, float]  # the final evaluation, identical on every rank
+    steps: int = 0  # the iterations the run has done (under AdaScale: measured, not planned)
 
 
 @dataclass
@@ -260,7 +261,7 @@ def _train_loop(cfg, task, run_dir, ctx, plan, model, start_iter, loop: _Loop) -
     _save(run_dir, state, done, loop.about, plan, ctx)
     metrics = _evaluate(task, model, ctx, run_dir, done, epoch, events, announce=False)
     events.close()
-    return TrainResult(model, plan, metrics)
+    return TrainResult(model, plan, metrics, done)
 
 
 @dataclass

@@ -22,7 +22,7 @@ def test_a_failed_overwrite_or_resume_leaves_the_previous_run_as_it_was(cli, tin
 
     # --overwrite used to remove the old run before the new one found its data missing.
     missing = cli(*train, "--overwrite", f"data.train.json={tmp_path}/none.json")
-    one_line_error(missing, "none.json: annotation file not found")
+    one_line_error(missing, "none.json not found; pass data.train.json=FILE")
     assert run_files(run) == before
 
     # A --resume that finds no readable checkpoint used to rewrite config.yaml and plan.json.

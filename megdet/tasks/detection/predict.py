@@ -26,6 +26,7 @@ from megdet.config import Config
 from megdet.data.images import read_rgb
 from megdet.engine.checkpoint import load_model_state
 from megdet.errors import DataError, MegdetError
+from megdet.logs import Progress
 from megdet.tasks.detection.model import build_detector
 
 DRAWN_MIN_SIDE = 512  # smaller images are enlarged (by a whole factor) so labels stay legible
@@ -84,11 +85,7 @@ def predict_files(
     share = -(-len(files) // world)
     mine = list(enumerate(files, 1))[rank * share : (rank + 1) * share]
     out = Predictions()
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(mine), unit="image", dynamic_ncols=True)
+    bar = Progress(len(mine), "image", "predict") if progress else None
     model = model.to(device)
     for start in range(0, len(mine), batch_size):
         batch = []

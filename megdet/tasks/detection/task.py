@@ -233,6 +233,16 @@ def _check_files_exist(index: CocoIndex, image_dir: str, key: str) -> None:
 
 
 def _required(path: str, key: str) -> str:
+    """The annotation file ``key`` names; one line saying what to do where it is not there
+    (most often a preset's relative path, run from another folder or before its data)."""
     if not path:
         raise ConfigError(f"{key}: not set; point it to a COCO instances JSON file")
+    if not Path(path).is_file():
+        split = key.split(".")[1]
+        where = f" (relative to {Path.cwd()})" if not Path(path).is_absolute() else ""
+        raise DataError(
+            f"{key}: {path} not found{where}; pass {key}=FILE and data.{split}.images=DIR, or, "
+            "for the presets' demo data, run `make demo` in the repository first (it writes "
+            "data/shapes) and run from there"
+        )
     return path
