@@ -7,6 +7,7 @@ any machine from copied run folders, and several runs (e.g. batch 16, 64, 256) s
 from __future__ import annotations
 
 import json
+import logging
 import math
 import statistics
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from pathlib import Path
 
 from megdet.atomic import atomic_write_bytes, atomic_write_text
 from megdet.errors import MegdetError
+
+log = logging.getLogger(__name__)
 
 # MegDet Table 1's quantities: sampled positives and negatives per image, RPN and RoI heads.
 SAMPLERS = ("rpn", "roi")
@@ -139,6 +142,9 @@ def table1(runs: list[RunLog], epochs: list[int] | None = None) -> str:
     for run in runs:
         logged = sorted(per_epoch(run.train, "rpn_pos"))
         chosen = epochs or ([logged[0], logged[len(logged) // 2], logged[-1]] if logged else [])
+        if not epochs:  # a run of one or two epochs: each once, the rest of the columns "-"
+            chosen = sorted(set(chosen))
+            chosen += [None] * (len(columns) - len(chosen))
         ratios = sampling_ratios(run.train)
         for sampler in SAMPLERS:
             pos = per_epoch(run.train, f"{sampler}_pos")
@@ -187,17 +193,21 @@ def write_report(
     written = []
 
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    _colors([ax_loss, ax_lr], len(runs), plt)
     for run in runs:
         steps = [r["iter" if x == "iteration" else "epoch"] for r in run.train]
-        ax_loss.plot(steps, [r["loss"] for r in run.train], label=run.name)
+        marker = _marker(len(steps))
+        ax_loss.plot(steps, [r["loss"] for r in run.train], label=run.name, marker=marker)
         # The lr holds from one logged iteration to the next: a step function, not a ramp.
-        ax_lr.plot(steps, [r["lr"] for r in run.train], drawstyle="steps-post", label=run.name)
+        ax_lr.plot(steps, [r["lr"] for r in run.train], drawstyle="steps-post", label=run.name,
+                   marker=marker)  # fmt: skip
     ax_loss.set(ylabel="training loss", title=f"Loss and learning rate per {x}")
     ax_lr.set(xlabel=x, ylabel="learning rate")
     ax_loss.legend()
     written.append(_save(fig, out_dir / "loss_lr.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    _colors([ax], len(runs), plt)
     metric = next((m for m in CURVES for run in runs for r in run.evals if m in r["eval"]), "mmAP")
     for run in runs:
         points = [(r["epoch"], 100 * r["eval"][metric]) for r in run.evals if metric in r["eval"]]
@@ -211,7 +221,11 @@ def write_report(
         ax.text(0.5, 0.5, "no evaluations logged", ha="center", transform=ax.transAxes)
     written.append(_save(fig, out_dir / f"{metric.lower()}_per_epoch.png"))
 
-    written.append(_plot_noise_scale(runs, out_dir / "noise_scale.png", plt, x))
+    if any(r.get("gns", 0) > 0 for run in runs for r in run.train):
+        written.append(_plot_noise_scale(runs, out_dir / "noise_scale.png", plt, x))
+    else:
+        log.info("noise_scale.png: not drawn, no run logged a gradient noise scale (it needs "
+                 "train.gns: true and 2+ processes)")  # fmt: skip
     if any(key.startswith(FACTOR) for run in runs for r in run.train for key in r):
         written.append(_plot_module_lr(runs, out_dir / "module_lr.png", plt, x))
     if any("gain" in r for run in runs for r in run.train):
@@ -244,12 +258,14 @@ def _plot_noise_scale(runs: list[RunLog], path: Path, plt, x: str) -> Path:
     """The gradient noise scale B_simple of each run over training, its global batch as a
     dashed line of the same color: a batch far above the noise scale buys little per image."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    _colors([ax], len(runs), plt)
     for run in runs:
         points = [(r["iter" if x == "iteration" else "epoch"], r["gns"]) for r in run.train
                   if r.get("gns", 0) > 0]  # fmt: skip
         if not points:
             continue
-        (line,) = ax.plot(*zip(*points, strict=True), label=f"{run.name}: noise scale")
+        (line,) = ax.plot(*zip(*points, strict=True), label=f"{run.name}: noise scale",
+                          marker=_marker(len(points)))  # fmt: skip
         if run.global_batch:
             ax.axhline(run.global_batch, color=line.get_color(), linestyle="--", linewidth=1)
     ax.set(xlabel=x, ylabel="images", title="Gradient noise scale B_simple (dashed: the batch)")
@@ -346,6 +362,18 @@ def _plot_module_lr(runs: list[RunLog], path: Path, plt, x: str) -> Path:
     ax.set(xlabel=x, ylabel="lr multiplier", title="AGVM: each module's lr / the scaled lr")
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the plot
     return _save(fig, path)
+
+
+def _marker(points: int) -> str | None:
+    """Markers where a line has few points: one logged point draws nothing without one."""
+    return "o" if points < 30 else None
+
+
+def _colors(axes, lines: int, plt) -> None:
+    """Past matplotlib's 10 default colors, 20 (tab20): a study's runs each keep their own."""
+    if lines > 10:
+        for ax in axes:
+            ax.set_prop_cycle(color=[plt.cm.tab20(i % 20) for i in range(lines)])
 
 
 def _save(fig, path: Path) -> Path:

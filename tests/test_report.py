@@ -72,7 +72,7 @@ def test_table1_takes_each_runs_own_first_middle_and_last_epoch(tmp_path):
     rows = [line for line in table1(runs).splitlines() if line.startswith("| ")][1:]
     assert "| first epoch: pos/neg (pos, neg per batch) | middle" in table1(runs)
     short, long = rows[1], rows[3]
-    assert "epoch 1: 0.250 ± 0.000 (32, 128) | epoch 2: 0.375 ± 0.000 (48, 128) | epoch 2" in short
+    assert "epoch 1: 0.250 ± 0.000 (32, 128) | epoch 2: 0.375 ± 0.000 (48, 128) | - |" in short
     assert "epoch 1: 0.250 ± 0.000 (128, 512) | epoch 3: 0.500 ± 0.000 (256, 512) | epoch 5" in long
 
 
@@ -104,3 +104,19 @@ def test_a_truncated_last_line_is_skipped_but_corruption_is_an_error(tmp_path):
         read_run(run)
     with pytest.raises(MegdetError, match="not found; pass a folder written by `megdet train`"):
         read_run(tmp_path / "nothing")
+
+
+def test_what_was_not_measured_is_said_not_drawn(tmp_path, caplog):
+    """One process logs no noise scale: no placeholder plot, a line instead. A run of one
+    logged epoch fills Table 1's first column, not three identical ones."""
+    run = _fake_run(tmp_path / "one", 16, iters_per_epoch=1, epochs=1)
+    metrics = run / "metrics.jsonl"
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    metrics.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "gns"}) + "\n"
+                               for r in lines))  # fmt: skip
+    with caplog.at_level("INFO", logger="megdet.report"):
+        written = write_report([run], tmp_path / "out")
+    assert "noise_scale.png" not in {p.name for p in written}
+    assert "noise_scale.png: not drawn, no run logged a gradient noise scale" in caplog.text
+    rows = [line for line in table1([read_run(run)]).splitlines() if line.startswith("| one")]
+    assert all(line.endswith(" | - | - |") and "epoch 1: " in line for line in rows)
