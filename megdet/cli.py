@@ -617,7 +617,7 @@ def _cmd_train(args) -> int:
                     print(line, file=sys.stderr)
             return STOPPED_EXIT_CODE
         if ctx.is_main:
-            _print_final(run_dir, task, result.metrics)
+            _print_final(run_dir / "eval" / "metrics.json", task, result.metrics)
             _print_where(run_dir, result.steps, time.perf_counter() - began)
         dist.barrier()  # see dist.barrier: every rank done before any tears down
     finally:
@@ -670,9 +670,7 @@ def _cmd_eval(args) -> int:
         load_model_state(model, state["model"], weights)
         metrics = task.evaluate(model.to(ctx.device), ctx.device, out if ctx.is_main else None)
         if ctx.is_main:
-            print(task.format_metrics(metrics))
-            if out:
-                print(f"written to {out} (metrics.json)")
+            _print_final(out / "metrics.json" if out else None, task, metrics)
         dist.barrier()  # see dist.barrier: every rank done before any tears down
     finally:
         if lock:
@@ -751,8 +749,10 @@ def _cmd_predict(args) -> int:
     return 0 if found.images else 2
 
 
-def _print_final(run_dir: Path, task, metrics: dict[str, float]) -> None:
-    print(f"\n{task.metrics_name} on the val split ({run_dir}/eval/metrics.json):")
+def _print_final(metrics_file: Path | None, task, metrics: dict[str, float]) -> None:
+    """The final table of ``train`` and ``eval``, saying its units and where its file is."""
+    where = f"; {metrics_file} holds fractions, -1 where undefined" if metrics_file else ""
+    print(f"\n{task.metrics_name} on the val split, in percent{where}:")
     print(task.format_metrics(metrics))
 
 
