@@ -668,7 +668,8 @@ def _cmd_eval(args) -> int:
         task.check_evaluation()
         model = task.build_model(split="val")
         load_model_state(model, state["model"], weights)
-        metrics = task.evaluate(model.to(ctx.device), ctx.device, out if ctx.is_main else None)
+        metrics = task.evaluate(model.to(ctx.device), ctx.device, out if ctx.is_main else None,
+                                progress=ctx.is_main)  # fmt: skip
         if ctx.is_main:
             _print_final(out / "metrics.json" if out else None, task, metrics)
         dist.barrier()  # see dist.barrier: every rank done before any tears down

@@ -1,6 +1,7 @@
 """The user's path through the CLI: make data, train the instant preset, evaluate the run."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,8 @@ def test_instant_train_then_eval_through_the_cli(cli, tmp_path, monkeypatch):
     assert {r["category_id"] for r in results} <= {1, 3, 7}  # the dataset's own ids
     evaluated = cli("eval", "--run", run, "--out", tmp_path / "eval2")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert re.search(r"eval: (\d+)/\1 images\n", evaluated.stderr)  # progress, off a terminal
+    assert "in percent; " in evaluated.stdout and "holds fractions" in evaluated.stdout
     again = json.loads((tmp_path / "eval2" / "metrics.json").read_text())
     assert again == pytest.approx(final)
 

@@ -68,9 +68,11 @@ class Task(Protocol):
         and raise a one-line ``MegdetError`` if it cannot work; called before the first
         iteration, so a broken val set is not found after hours of training."""
 
-    def evaluate(self, model: nn.Module, device: torch.device, out_dir: Path | None) -> dict:
+    def evaluate(
+        self, model: nn.Module, device: torch.device, out_dir: Path | None, progress: bool = False
+    ) -> dict:
         """Metrics on the validation split, the same on every rank; files to ``out_dir``
-        (rank 0 only)."""
+        (rank 0 only); ``progress``: this rank shows how far it is (``megdet eval``)."""
 
     def labels(self) -> dict[str, list]:
         """What a checkpoint keeps so that it alone serves on new inputs (``megdet

@@ -10,6 +10,7 @@ from torch import nn
 
 from megdet import dist
 from megdet.atomic import atomic_write_text
+from megdet.logs import Progress
 from megdet.tasks.classification.data import FolderDataset, collate
 
 METRICS = ("top1_err", "top5_err")
@@ -23,6 +24,7 @@ def evaluate_classifier(
     images_per_device: int,
     out_dir: Path | None,
     num_workers: int = 0,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Errors as fractions (as COCO's metrics are); every image counted once: rank r takes
     images r, r + W, ...; the counts are summed over the processes, so the result is exact and
@@ -38,8 +40,11 @@ def evaluate_classifier(
     model.eval()
     dtype = next(model.parameters()).dtype  # train.dtype
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # top-1, top-5 right; images
+    shown = Progress(len(loader.dataset), "image", "eval") if progress else None
     for images, labels in loader:
         logits = model(images.to(device, dtype, non_blocking=True))
+        if shown:
+            shown.update(len(images))
         labels = labels.to(device)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         right = top == labels[:, None]
@@ -47,6 +52,8 @@ def evaluate_classifier(
             [right[:, 0].sum(), right.any(dim=1).sum(), torch.tensor(len(labels), device=device)]
         ).double()
     model.train(was_training)
+    if shown:
+        shown.close()
     top1, top5, total = dist.all_reduce_sum(counts).tolist()
     metrics = {"top1_err": 1 - top1 / total, "top5_err": 1 - top5 / total, "images": int(total)}
     if out_dir is not None and dist.get_rank() == 0:

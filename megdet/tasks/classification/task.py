@@ -117,7 +117,9 @@ class ClassificationTask:
         """The val folder has images in the training set's class folders."""
         _ = self.val_index  # read_folder and val_index raise what they find
 
-    def evaluate(self, model: nn.Module, device: torch.device, out_dir: Path | None) -> dict:
+    def evaluate(
+        self, model: nn.Module, device: torch.device, out_dir: Path | None, progress: bool = False
+    ) -> dict:
         dataset = data.FolderDataset(self.val_index, data.eval_transform(self.cfg.classification))
         return evaluate_classifier(
             model,
@@ -126,6 +128,7 @@ class ClassificationTask:
             self.cfg.eval.images_per_device,
             out_dir,
             num_workers=self.cfg.data.num_workers,
+            progress=progress,
         )
 
     def labels(self) -> dict[str, list]:

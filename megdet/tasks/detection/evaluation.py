@@ -20,6 +20,7 @@ from megdet import dist
 from megdet.atomic import atomic_write_text
 from megdet.config import EVAL_BACKENDS
 from megdet.data.coco import CocoDetection, collate
+from megdet.logs import Progress
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ def predict(
     device: torch.device,
     images_per_device: int,
     num_workers: int = 0,
+    progress: bool = False,
 ) -> list[dict]:
     """COCO-format detections for this rank's contiguous share of ``dataset``."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -50,8 +52,11 @@ def predict(
     model.eval()
     dtype = next(model.parameters()).dtype  # train.dtype
     results = []
+    shown = Progress(len(indices), "image", "eval") if progress else None
     for images, targets in loader:
         outputs = model([image.to(device, dtype, non_blocking=True) for image in images])
+        if shown:
+            shown.update(len(images))
         for output, target in zip(outputs, targets, strict=True):
             boxes = output["boxes"].cpu()
             boxes[:, 2:] -= boxes[:, :2]  # xyxy -> xywh
@@ -67,6 +72,8 @@ def predict(
                     }
                 )
     model.train(was_training)
+    if shown:
+        shown.close()
     return results
 
 
@@ -113,9 +120,11 @@ def evaluate_distributed(
     out_dir: Path | None,
     backend: str,
     num_workers: int = 0,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Every rank predicts its share; rank 0 evaluates, writes ``out_dir``, shares the metrics."""
-    shares = dist.all_gather_object(predict(model, dataset, device, images_per_device, num_workers))
+    mine = predict(model, dataset, device, images_per_device, num_workers, progress)
+    shares = dist.all_gather_object(mine)
     metrics = None
     if dist.get_rank() == 0:
         results = [r for share in shares for r in share]

@@ -198,7 +198,9 @@ class DetectionTask:
                 "match; check data.val.json"
             )
 
-    def evaluate(self, model: nn.Module, device: torch.device, out_dir: Path | None) -> dict:
+    def evaluate(
+        self, model: nn.Module, device: torch.device, out_dir: Path | None, progress: bool = False
+    ) -> dict:
         dataset = CocoDetection(self.val_index, self.cfg.data.val.images)
         return evaluate_distributed(
             model,
@@ -208,6 +210,7 @@ class DetectionTask:
             out_dir,
             self.cfg.eval.backend,
             num_workers=self.cfg.data.num_workers,
+            progress=progress,
         )
 
     def labels(self) -> dict[str, list]:
