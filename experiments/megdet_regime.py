@@ -42,6 +42,15 @@ def pretrained_backbone(quick: bool) -> list[str]:
 
 
 ROWS = [Row(f"b{b}", [f"train.batch_size={b}", *RECIPE]) for b in (16, 32, 64, 128, 256)]
+# Controls for batch 16, on the same machine and seed: from random weights (table3_cgbn.md's
+# b16, rerun here), and from a detector's backbone trained elsewhere (the demo-preset study's
+# batch-16 run: `make demo`'s 2,000 images at 128 px), the issue's own probe.
+DEMO_DETECTOR = ROOT / "experiments" / "runs" / "demo_preset" / "b16-s0"
+ROWS += [
+    Row("b16-scratch", ["train.batch_size=16", *RECIPE, "model.backbone_weights=none"]),
+    Row("b16-from-detector", ["train.batch_size=16", *RECIPE,
+                              f"model.backbone_weights={DEMO_DETECTOR}"]),
+]  # fmt: skip
 # MegDet's BN-size row (bn_size.py's, batch 128) and AGVM at 256 and 512 (agvm.py's rows):
 # AGVM assumes a backbone whose half-batch gradients agree, which a pretrained one may give.
 ROWS += [
