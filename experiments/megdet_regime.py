@@ -50,6 +50,9 @@ ROWS += [
     Row("b16-scratch", ["train.batch_size=16", *RECIPE, "model.backbone_weights=none"]),
     Row("b16-from-detector", ["train.batch_size=16", *RECIPE,
                               f"model.backbone_weights={DEMO_DETECTOR}"]),
+    # The pretrained body frozen whole (stem and res2-res5): how far its features carry the
+    # detector as they are, against what fine-tuning them makes of them.
+    Row("b16-frozen-body", ["train.batch_size=16", *RECIPE, "model.frozen_stages=5"]),
 ]  # fmt: skip
 # MegDet's BN-size row (bn_size.py's, batch 128) and AGVM at 256 and 512 (agvm.py's rows):
 # AGVM assumes a backbone whose half-batch gradients agree, which a pretrained one may give.
