@@ -82,8 +82,10 @@ def train(
     """
     found = _find_checkpoint(run_dir, ctx) if resume else None
     # The run's config.yaml records the backbone file it started from: a fresh run resolves
-    # it, a resumed one keeps what its checkpoint recorded.
-    cfg = dataclasses.replace(cfg, model=_agreed(lambda: _backbone_source(cfg.model, found)))
+    # it, a resumed one keeps what its checkpoint recorded. Rank 0 reads the file (only it
+    # loads the weights: other nodes need not have it); every rank receives the record.
+    recorded = _agreed(lambda: _backbone_source(cfg.model, found) if ctx.is_main else None)
+    cfg = dataclasses.replace(cfg, model=dist.broadcast_object(recorded))
     memory = None
     if cfg.train.images_per_device == "auto":  # measured once, the same answer on every rank
         memory = task.estimate_memory() if ctx.is_main else None
