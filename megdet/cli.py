@@ -196,9 +196,7 @@ def _parser() -> argparse.ArgumentParser:
     shapes.add_argument("--val", type=int, required=True, help="number of validation images")
     shapes.add_argument("--size", type=int, default=128, help="image side (height) in pixels")
     shapes.add_argument("--width", type=int, help="image width in pixels (default: --size)")
-    shapes.add_argument(
-        "--seed", type=int, default=0, help="random seed: one seed writes byte-identical files"
-    )
+    shapes.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     shapes.add_argument("--overwrite", action="store_true", help="replace a set already there")
     shapes.set_defaults(handler=_cmd_shapes)
     patterns = data_commands.add_parser(
@@ -209,9 +207,7 @@ def _parser() -> argparse.ArgumentParser:
     patterns.add_argument("--train", type=int, required=True, help="number of training images")
     patterns.add_argument("--val", type=int, required=True, help="number of validation images")
     patterns.add_argument("--size", type=int, default=32, help="image side in pixels")
-    patterns.add_argument(
-        "--seed", type=int, default=0, help="random seed: one seed writes byte-identical files"
-    )
+    patterns.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     patterns.add_argument("--overwrite", action="store_true", help="replace a set already there")
     patterns.set_defaults(handler=_cmd_patterns)
     check = data_commands.add_parser("check", help="validate a COCO dataset, every problem at once")
