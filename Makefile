@@ -72,7 +72,9 @@ bench-roi: $(STAMP) $(SHAPES)
 # Every study, at the seeds of the committed tables: about 12 hours on 2 cores. A stopped study
 # continues where it stopped (finished runs are kept in experiments/runs/).
 DEMO_PRESET_ROWS := b16,b32,b64,b128,b256,b1024-100,b256-linear,b32-model,b64-model,b128-model,b256-model,b64-global,b256-global
-GOYAL_ADASCALE_ROWS := b128,b256-adascale
+GOYAL_ADASCALE_ROWS := b128,b256-adascale,b512-adascale,b1024-adascale
+PRETRAIN_ROWS := b128,b256-linear,b512-linear,b1024-linear,b2048-linear
+MEGDET_REGIME_ROWS := b16,b32,b64,b128,b256,b16-scratch,b16-from-detector,b16-frozen-body
 reproduce: $(STAMP)
 	$(PY) experiments/table3_cgbn.py --seeds 0,1,2
 	$(PY) experiments/table2_no_bn.py --seeds 0
@@ -90,6 +92,8 @@ reproduce: $(STAMP)
 	$(PY) experiments/goyal_adascale.py --seeds 0 --rows $(GOYAL_ADASCALE_ROWS)
 	$(PY) experiments/projection_check.py --study demo_preset --base b16
 	$(PY) experiments/projection_check.py --study demo_preset --base b64
+	$(PY) experiments/pretrain.py --seeds 0 --rows $(PRETRAIN_ROWS)
+	$(PY) experiments/megdet_regime.py --seeds 0 --rows $(MEGDET_REGIME_ROWS)
 
 # One row of each study on a quarter of its data, to experiments/results/quick/: about 20 minutes.
 reproduce-quick: $(STAMP)
