@@ -69,7 +69,7 @@ bench-roi: $(STAMP) $(SHAPES)
 	$(PY) bench/roi_batch_tradeoff.py --values 32,64,128,256,512 --record
 
 # Issue 13's large-batch studies, each run a plain `megdet train` (README: "Does large batch work?").
-# Every study, at the seeds of the committed tables: about 12 hours on 2 cores. A stopped study
+# Every study, at the seeds of the committed tables: about 13 hours on 2 cores. A stopped study
 # continues where it stopped (finished runs are kept in experiments/runs/).
 DEMO_PRESET_ROWS := b16,b32,b64,b128,b256,b1024-100,b256-linear,b32-model,b64-model,b128-model,b256-model,b64-global,b256-global
 GOYAL_ADASCALE_ROWS := b128,b256-adascale,b512-adascale,b1024-adascale
