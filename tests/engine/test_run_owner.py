@@ -142,7 +142,7 @@ def test_resume_after_a_run_killed_before_its_first_checkpoint_logs_each_iterati
 @pytest.mark.parametrize(
     ("break_val", "message"),
     [
-        (lambda data: f"data.val.json={data}/missing.json", "missing.json: annotation file not"),
+        (lambda data: f"data.val.json={data}/missing.json", "missing.json not found; pass data"),
         (lambda data: f"data.val.images={data}/nowhere", "image file not found"),
     ],
 )

@@ -184,8 +184,11 @@ class DetectionTask:
         image file is there."""
         try:
             index = self.val_index
-        except DataError as exc:
-            raise DataError(f"{exc}; check data.val.json") from None
+        except DataError as exc:  # a missing file's line already names data.val.json
+            text = str(exc)
+            raise DataError(
+                text if text.startswith("data.val.json:") else f"{text}; check data.val.json"
+            ) from None
         if not index.images:
             raise DataError(f"{index.path}: the val set has no images; check data.val.json")
         _check_files_exist(index, self.cfg.data.val.images, "data.val.images")
