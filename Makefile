@@ -74,7 +74,7 @@ bench-roi: $(STAMP) $(SHAPES)
 DEMO_PRESET_ROWS := b16,b32,b64,b128,b256,b1024-100,b256-linear,b32-model,b64-model,b128-model,b256-model,b64-global,b256-global
 GOYAL_ADASCALE_ROWS := b128,b256-adascale,b512-adascale,b1024-adascale
 PRETRAIN_ROWS := b128,b256-linear,b512-linear,b1024-linear,b2048-linear
-MEGDET_REGIME_ROWS := b16,b32,b64,b128,b256,b16-scratch,b16-from-detector,b16-frozen-body
+MEGDET_REGIME_ROWS := b16,b32,b64,b128,b256,b16-scratch,b16-from-detector,b16-frozen-body,b16-from-b256,b16-from-b2048
 reproduce: $(STAMP)
 	$(PY) experiments/table3_cgbn.py --seeds 0,1,2
 	$(PY) experiments/table2_no_bn.py --seeds 0
