@@ -20,7 +20,7 @@ import subprocess
 import sys
 
 from agvm import AGVM, B256, BATCH
-from pretrain import BACKBONE_ROW, GOYAL_BATCHES
+from pretrain import BACKBONE_ROW, GOYAL_BATCHES, PLAIN_ROW
 from study import ROOT, Row, main
 from table3_cgbn import RECIPE
 
@@ -77,6 +77,15 @@ ROWS += [
                            f"model.backbone_weights={PRETRAIN_RUNS}/b{b}-linear-s0"])
     for b in GOYAL_BATCHES
 ]  # fmt: skip
+
+# The plain-style backbone (pretrain.py's b128-plain, the detector's own domain): batch 16 and
+# 256 fine-tuned from it, and batch 16 with it frozen; its row must have run first.
+PLAIN = [f"model.backbone_weights={PRETRAIN_RUNS}/{PLAIN_ROW}-s0"]
+ROWS += [
+    Row("b16-from-plain", ["train.batch_size=16", *RECIPE, *PLAIN]),
+    Row("b256-from-plain", ["train.batch_size=256", *RECIPE, *PLAIN]),
+    Row("b16-frozen-plain", ["train.batch_size=16", *RECIPE, *PLAIN, "model.frozen_stages=5"]),
+]
 
 if __name__ == "__main__":
     main(

@@ -3,6 +3,8 @@ at small scale: ``pretrain_tiny`` (the demo's tiny ResNet classifying 36 texture
 px, 18,000 images, 10 epochs, lr 0.1 per 128 images) at batch 128 (the backbone the
 MegDet-regime studies start from, ``b128``) and at larger batches under the linear rule with
 a 2-epoch gradual warmup, each of which ``megdet_regime.py``'s ``b16-from-bB`` rows fine-tune.
+Row ``b128-plain``: the same at batch 128 on the plain style (``data patterns --style plain``:
+the detector's own domain, 6 classes), the textured backbone having transferred negatively.
 
     python experiments/pretrain.py [--rows b128,b1024-linear] [--seeds 0,1]
 """
@@ -12,12 +14,14 @@ from __future__ import annotations
 from study import PRETRAIN, Row, main
 
 BACKBONE_ROW = "b128"  # the studies' pretrained backbone
+PLAIN_ROW = "b128-plain"
 GOYAL_BATCHES = (256, 512, 1024, 2048)
 ROWS = [Row(BACKBONE_ROW, ["train.batch_size=128"])] + [
     Row(f"b{b}-linear", [f"train.batch_size={b}", "solver.warmup=linear",
                          "solver.warmup_epochs=2"])
     for b in GOYAL_BATCHES
 ]  # fmt: skip
+ROWS += [Row(PLAIN_ROW, ["train.batch_size=128"], data="plain64")]
 
 if __name__ == "__main__":
     main(

@@ -36,6 +36,9 @@ QUICK_PATTERNS = ROOT / "experiments" / "data" / "patterns32_2k"
 # classes at 64 px, the studies' detection size, 18,000 images (quick: 3,600).
 PATTERNS64 = ROOT / "experiments" / "data" / "patterns64_18k"
 QUICK_PATTERNS64 = ROOT / "experiments" / "data" / "patterns64_4k"
+# The same sizes in the plain style: the detector's own domain, 6 classes.
+PLAIN64 = ROOT / "experiments" / "data" / "plain64_18k"
+QUICK_PLAIN64 = ROOT / "experiments" / "data" / "plain64_4k"
 DIVERGED = re.compile(r"training diverged at iteration (\d+) \(lr ([0-9.e+-]+)\)")
 
 
@@ -43,6 +46,8 @@ DIVERGED = re.compile(r"training diverged at iteration (\d+) \(lr ([0-9.e+-]+)\)
 class Row:
     name: str
     overrides: list[str]
+    # The set the row trains on where it is not its study's (a ``Setting.data`` name).
+    data: str | None = None
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,8 @@ class Setting:
     metric: str
     label: str
     # "study": the 64 px study sets; "demo": the preset's own data/shapes; "patterns32" and
-    # "patterns64": the classification sets of Goyal's studies and of pretraining.
+    # "patterns64": the classification sets of Goyal's studies and of pretraining; "plain64":
+    # pretraining in the detector's domain (``data patterns --style plain``).
     data: str = "study"
     # The studies of the linear rule keep it whatever the preset's solver.lr_scaling (auto
     # since issue 25); a row may still set it. None: the preset's own.
@@ -71,14 +77,14 @@ QUICK_DEMO_DATA = ROOT / "experiments" / "data" / "shapes128_500"
 
 
 def ensure_patterns(
-    folder: Path, train: int, val: int, classes: int = 10, size: int = 32
+    folder: Path, train: int, val: int, classes: int = 10, size: int = 32, style="textured"
 ) -> list[str]:
     """Generate the classification set once; the overrides that point a run at it."""
     if not (folder / "val").is_dir():
         subprocess.run(
             [sys.executable, "-m", "megdet", "data", "patterns", "--out", str(folder),
              "--classes", str(classes), "--train", str(train), "--val", str(val), "--size",
-             str(size), "--seed", "0"],
+             str(size), "--seed", "0", "--style", style],
             check=True,
         )  # fmt: skip
     return [f"data.train.images={folder}/train", f"data.val.images={folder}/val"]
@@ -217,6 +223,25 @@ def _cpu() -> str:
     return f"{cpu_name()}, {os.cpu_count()} CPUs"
 
 
+def study_data(kind: str, quick: bool) -> list[str]:
+    """Generate the set a ``Setting.data`` name stands for (once); the overrides that point a
+    run at it."""
+    if kind == "patterns32":
+        folder, train, val = (QUICK_PATTERNS, 2500, 500) if quick else (PATTERNS, 10000, 2000)
+        return ensure_patterns(folder, train, val)
+    if kind == "patterns64":
+        folder, train, val = (QUICK_PATTERNS64, 3600, 360) if quick else (PATTERNS64, 18000, 1800)
+        return ensure_patterns(folder, train, val, classes=36, size=64)
+    if kind == "plain64":
+        folder, train, val = (QUICK_PLAIN64, 3600, 360) if quick else (PLAIN64, 18000, 1800)
+        return ensure_patterns(folder, train, val, classes=6, size=64, style="plain")
+    if kind == "demo":  # `make demo`'s own set, generated as the Makefile does
+        folder, train, val = (QUICK_DEMO_DATA, 500, 100) if quick else (DEMO_DATA, 2000, 200)
+        return ensure_shapes(folder, train=train, val=val, size=128)
+    folder, train = (QUICK_DATA, 2000) if quick else (STUDY_DATA, 8000)
+    return STUDY_SIZE + ensure_shapes(folder, train=train, val=200 if quick else 500, size=64)
+
+
 def main(
     name: str,
     doc: str,
@@ -255,24 +280,9 @@ def main(
             f"--rows: none of {args.rows} is a row; rows: {', '.join(r.name for r in rows)}"
         )
     base = ROOT / "experiments"
-    if setting.data == "patterns32":
-        folder, train, val = (QUICK_PATTERNS, 2500, 500) if args.quick else (PATTERNS, 10000, 2000)
-        data = ensure_patterns(folder, train, val)
-    elif setting.data == "patterns64":
-        folder, train, val = (
-            (QUICK_PATTERNS64, 3600, 360) if args.quick else (PATTERNS64, 18000, 1800)
-        )
-        data = ensure_patterns(folder, train, val, classes=36, size=64)
-    elif setting.data == "demo":  # `make demo`'s own set, generated as the Makefile does
-        folder, train, val = (QUICK_DEMO_DATA, 500, 100) if args.quick else (DEMO_DATA, 2000, 200)
-        data = ensure_shapes(folder, train=train, val=val, size=128)
-    else:
-        folder, train = (QUICK_DATA, 2000) if args.quick else (STUDY_DATA, 8000)
-        data = STUDY_SIZE + ensure_shapes(
-            folder, train=train, val=200 if args.quick else 500, size=64
-        )
-    if prepare is not None:
-        data = [*data, *prepare(args.quick)]
+    kinds = {setting.data, *(row.data for row in chosen if row.data)}
+    sets = {kind: study_data(kind, args.quick) for kind in kinds}
+    extra = [] if prepare is None else prepare(args.quick)
     if args.quick:
         runs, results_dir = base / "runs" / "quick" / name, base / "results" / "quick"
     else:
@@ -284,6 +294,7 @@ def main(
             run_dir = runs / f"{row.name}-s{seed}"
             if args.table_only and not (run_dir / "study_result.json").is_file():
                 continue
+            data = [*sets[row.data or setting.data], *extra]
             result = run(row, seed, runs, data, setting.config, setting.metric, setting.lr_scaling)
             folders.append(run_dir)
             results.setdefault(row.name, []).append(result)

@@ -203,7 +203,20 @@ def _parser() -> argparse.ArgumentParser:
         "patterns", help="write the synthetic classification set (ImageFolder)"
     )
     patterns.add_argument("--out", type=Path, required=True, help="output folder")
-    patterns.add_argument("--classes", type=int, default=10, help="number of classes (2-36)")
+    patterns.add_argument(
+        "--style",
+        choices=("textured", "plain"),
+        default="textured",
+        help="textured: 36 textured shapes under strong noise, one per image (Goyal's "
+        "studies); plain: the detector's domain, 1-3 plain shapes of one of 6 classes on the "
+        "shapes set's backgrounds (pretraining a detector's backbone)",
+    )
+    patterns.add_argument(
+        "--classes",
+        type=int,
+        default=None,
+        help="number of classes (2-36 textured, 2-6 plain; default: 10 textured, 6 plain)",
+    )
     patterns.add_argument("--train", type=int, required=True, help="number of training images")
     patterns.add_argument("--val", type=int, required=True, help="number of validation images")
     patterns.add_argument("--size", type=int, default=32, help="image side in pixels")
@@ -427,16 +440,20 @@ def _cmd_patterns(args) -> int:
 
     if min(args.train, args.val) < 0:
         raise MegdetError("data patterns: --train/--val must be >= 0")
+    classes = args.classes
+    if classes is None:
+        classes = 10 if args.style == "textured" else 6
     if problem := folder_problem(args.out):
         raise MegdetError(problem)
     try:
         written = generate_patterns(
-            args.out, args.classes, args.train, args.val, args.size, args.seed, args.overwrite
-        )
+            args.out, classes, args.train, args.val, args.size, args.seed, args.overwrite,
+            style=args.style,
+        )  # fmt: skip
     except ValueError as exc:
         raise MegdetError(f"data patterns: {exc}") from None
     for split, path in written.items():
-        print(f"{split}: {path} ({args.classes} class folders)")
+        print(f"{split}: {path} ({classes} class folders, {args.style})")
     return 0
 
 

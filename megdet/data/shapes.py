@@ -90,7 +90,7 @@ def _write_shapes(out: Path, num_train, num_val, height, seed, width) -> dict[st
 
 
 def _draw_image(rng: np.random.Generator, height: int, width: int):
-    pixels = _background(rng, height, width)
+    pixels = background(rng, height, width)
     size = min(height, width)
     image = Image.fromarray(pixels)
     draw = ImageDraw.Draw(image)
@@ -107,7 +107,7 @@ def _draw_image(rng: np.random.Generator, height: int, width: int):
         x0 = rng.uniform(0, width - w)
         y0 = rng.uniform(0, height - h)
         box = (x0, y0, x0 + w, y0 + h)
-        if any(_hidden_fraction(old, box) > MAX_OVERLAP for old in boxes):
+        if any(hidden_fraction(old, box) > MAX_OVERLAP for old in boxes):
             continue
         kind = int(rng.integers(len(CLASSES)))
         color = tuple(int(c) for c in rng.integers(0, 256, 3))
@@ -122,7 +122,9 @@ def _draw_image(rng: np.random.Generator, height: int, width: int):
     return np.clip(noisy, 0, 255).astype(np.uint8), objects
 
 
-def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+def background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A striped, noisy background; the plain patterns draw theirs here too, so that a
+    backbone pretrained on them has seen the detector's backgrounds."""
     base = rng.uniform(40, 215, 3)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     angle = rng.uniform(0, math.pi)
@@ -168,7 +170,7 @@ def _polygon_area(points) -> float:
     return abs(twice) / 2
 
 
-def _hidden_fraction(old, new) -> float:
+def hidden_fraction(old, new) -> float:
     """Fraction of ``old``'s box area that ``new`` covers."""
     iw = min(old[2], new[2]) - max(old[0], new[0])
     ih = min(old[3], new[3]) - max(old[1], new[1])

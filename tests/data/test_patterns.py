@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from megdet.data.patterns import CLASSES, draw, generate_patterns
+from megdet.data import shapes
+from megdet.data.patterns import CLASSES, SHAPES, draw, draw_plain, generate_patterns
 
 
 def _digest(folder):
@@ -36,8 +37,34 @@ def test_every_class_draws_its_shape_and_texture():
     assert len({image.tobytes() for image in images}) == 36
 
 
-@pytest.mark.parametrize(("classes", "size"), [(1, 32), (37, 32), (10, 8)])
-def test_bad_arguments_are_refused_before_writing(tmp_path, classes, size):
+def test_plain_style_layout_and_determinism(tmp_path):
+    generate_patterns(tmp_path / "a", 6, num_train=12, num_val=6, size=48, style="plain")
+    generate_patterns(tmp_path / "b", 6, num_train=12, num_val=6, size=48, style="plain")
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert sorted(p.name for p in (tmp_path / "a" / "val").iterdir()) == sorted(SHAPES)
+
+
+def test_plain_shapes_lie_on_the_shapes_sets_background():
+    """The background is the detection set's own (its first draws), and the 1-3 objects cover
+    some of it, never all: each side is at most 0.7 of the image."""
+    for index, shape in enumerate(SHAPES * 4):
+        image = draw_plain(np.random.default_rng([7, index]), shape, 64).astype(float)
+        base = shapes.background(np.random.default_rng([7, index]), 64, 64).astype(float)
+        covered = (np.abs(image - base).max(axis=2) > 40).mean()  # beyond the noise (sd 6)
+        assert 0.002 < covered < 0.75, (shape, covered)
+
+
+def test_every_plain_class_draws_its_shape():
+    images = [draw_plain(np.random.default_rng(0), name, 32) for name in SHAPES]
+    assert len({image.tobytes() for image in images}) == len(SHAPES)
+
+
+@pytest.mark.parametrize(
+    ("classes", "size", "style"),
+    [(1, 32, "textured"), (37, 32, "textured"), (10, 8, "textured"), (7, 32, "plain"),
+     (6, 32, "wavy")],
+)  # fmt: skip
+def test_bad_arguments_are_refused_before_writing(tmp_path, classes, size, style):
     with pytest.raises(ValueError):
-        generate_patterns(tmp_path / "x", classes, 10, 2, size)
+        generate_patterns(tmp_path / "x", classes, 10, 2, size, style=style)
     assert not (tmp_path / "x").exists()
