@@ -1,4 +1,4 @@
-"""The ``megdet`` command: data, plan, train, eval, predict, report.
+"""The ``megdet`` command: data, plan, train, eval, predict, report, config.
 
     megdet data shapes --out data/shapes --train 2000 --val 200
     megdet plan --config default train.batch_size=64 --nproc 4
@@ -8,6 +8,7 @@
     megdet predict --run runs/demo photos/ --out predictions --score 0.5
     megdet data convert --from yolo --images IMG --labels LABELS --names data.yaml --out t.json
     megdet report runs/bs16 runs/bs64 --epochs 1,4,7
+    megdet config default train.batch_size=64      megdet config --list
 
 ``--nproc N`` starts N local processes through ``torch.distributed.run``; under torchrun (or
 any launcher that sets RANK/WORLD_SIZE) the command runs as one worker of that group.
@@ -356,6 +357,18 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--no-draw", action="store_true", help="write detections.json only")
     predict.set_defaults(handler=_cmd_predict)
 
+    show = commands.add_parser(
+        "config",
+        help="print the config a run would get (a preset or YAML file and overrides), or "
+        "with --list every key: type, default, allowed values, meaning",
+    )
+    show.add_argument("preset", nargs="?", help="preset name or YAML file")
+    show.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.seed=1")
+    show.add_argument(
+        "--list", action="store_true", help="the config reference, as markdown (docs/config.md)"
+    )
+    show.set_defaults(handler=_cmd_config)
+
     report = commands.add_parser("report", help="plots and MegDet Table 1 from finished runs")
     report.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders")
     report.add_argument("--out", type=Path, help="output folder (default FIRST_RUN/report)")
@@ -370,6 +383,22 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     report.set_defaults(handler=_cmd_report)
     return parser
+
+
+def _cmd_config(args) -> int:
+    if args.list:
+        if args.preset or args.overrides:
+            raise MegdetError("config --list: the reference takes no preset or overrides")
+        from megdet.config_reference import markdown
+
+        print(markdown(), end="")
+        return 0
+    if args.preset is None:
+        raise MegdetError("config: give a preset or YAML file (or --list for every key)")
+    from megdet.config import dump_config
+
+    print(dump_config(load_config(args.preset, args.overrides)), end="")
+    return 0
 
 
 def _cmd_report(args) -> int:

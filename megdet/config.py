@@ -88,28 +88,39 @@ def bounded(default: Any, interval: str):
 class SplitConfig:
     """One COCO split: the annotation file and the folder its ``file_name``s are relative to."""
 
-    json: str = ""
+    json: str = ""  # the COCO instances file (detection)
+    # The folder the JSON's file_names are relative to; classification: the ImageFolder split
+    # (a folder of images per class).
     images: str = ""
     # What `megdet plan` uses where the data is not on this machine (train only); when the
     # JSON is there, its own counts are used, as in training.
     num_images: int | None = bounded(None, "[1, inf)")
-    num_classes: int | None = bounded(None, "[1, inf)")
+    num_classes: int | None = bounded(None, "[1, inf)")  # the same, for the category count
 
 
 @dataclass
 class DataConfig:
+    """Where the images and labels are, and how they are loaded."""
+
     train: SplitConfig = field(default_factory=SplitConfig)
     val: SplitConfig = field(default_factory=SplitConfig)
-    num_workers: int = bounded(1, "[0, inf)")
-    hflip: bool = True
+    num_workers: int = bounded(1, "[0, inf)")  # loader processes per training process
+    hflip: bool = True  # random horizontal flip, drawn per image from (seed, epoch, index)
     strict: bool = False  # boxes without area inside their image: an error instead of dropped
-    # Global batches of only landscape or only portrait images (less padding); all ranks agree.
+    # Global batches of only landscape or only portrait images (less padding), decided on the
+    # whole global batch, so that every process count sees the same batches.
     aspect_ratio_grouping: bool = True
 
 
 @dataclass
 class ModelConfig:
+    """The network: backbone, normalization, and the detector's heads."""
+
+    # Detection: tiny (a CPU ResNet, widths 16/32/64/128), resnet18, resnet50; classification
+    # also resnet20 and resnet56 (CIFAR ResNets, He et al. 4.2).
     backbone: str = "resnet50"
+    # frozen (FrozenBatchNorm2d), bn (per-process BatchNorm), gn (GroupNorm), cgbn (MegDet's
+    # cross-GPU BatchNorm: statistics over model.bn_size images of all processes).
     norm: str = "frozen"
     bn_size: int | None = bounded(
         None, "[1, inf)"
@@ -131,22 +142,22 @@ class ModelConfig:
     # 1: stem, 2: stem and res2, ... Frozen stages keep their weights and normalize with
     # fixed statistics (FrozenBatchNorm2d), whatever model.norm is (detectron2's FREEZE_AT).
     frozen_stages: int = bounded(0, "[0, 5]")
-    min_size: int = bounded(800, "[1, inf)")
-    max_size: int = bounded(1333, "[1, inf)")
-    fpn_channels: int = bounded(256, "[1, inf)")
+    min_size: int = bounded(800, "[1, inf)")  # resize: the short image side to this
+    max_size: int = bounded(1333, "[1, inf)")  # ... unless the long side would pass this
+    fpn_channels: int = bounded(256, "[1, inf)")  # FPN width
     # Anchor side per FPN level P2..P6; null: min_size/16 doubling per level (see model.py).
     anchor_sizes: list[int] | None = bounded(None, "[1, inf)")
-    rpn_pre_nms_top_n_train: int = bounded(2000, "[1, inf)")
-    rpn_post_nms_top_n_train: int = bounded(2000, "[1, inf)")
-    rpn_pre_nms_top_n_test: int = bounded(1000, "[1, inf)")
-    rpn_post_nms_top_n_test: int = bounded(1000, "[1, inf)")
-    rpn_batch_per_image: int = bounded(256, "[1, inf)")
-    roi_batch_per_image: int = bounded(512, "[1, inf)")
-    roi_positive_fraction: float = bounded(0.25, "(0, 1]")
+    rpn_pre_nms_top_n_train: int = bounded(2000, "[1, inf)")  # RPN proposals a level, pre-NMS
+    rpn_post_nms_top_n_train: int = bounded(2000, "[1, inf)")  # RPN proposals an image, post-NMS
+    rpn_pre_nms_top_n_test: int = bounded(1000, "[1, inf)")  # the same at evaluation
+    rpn_post_nms_top_n_test: int = bounded(1000, "[1, inf)")  # the same at evaluation
+    rpn_batch_per_image: int = bounded(256, "[1, inf)")  # anchors sampled an image (RPN loss)
+    roi_batch_per_image: int = bounded(512, "[1, inf)")  # RoIs sampled an image (box head loss)
+    roi_positive_fraction: float = bounded(0.25, "(0, 1]")  # largest share of positives in them
     roi_sampling_ratio: int = bounded(2, "[0, inf)")  # RoIAlign samples per bin side (0: adaptive)
-    box_head_dim: int = bounded(1024, "[1, inf)")
-    box_score_thresh: float = bounded(0.05, "[0, 1]")
-    box_detections_per_img: int = bounded(100, "[1, inf)")
+    box_head_dim: int = bounded(1024, "[1, inf)")  # the box head's fc width
+    box_score_thresh: float = bounded(0.05, "[0, 1]")  # evaluation: detections below it dropped
+    box_detections_per_img: int = bounded(100, "[1, inf)")  # evaluation: at most this many kept
     # Convolutions on NHWC tensors. On this project's AVX2 CPUs it speeds up narrow networks
     # (the demo: 1.08x a step) but slows ResNet-50's convolution backward (0.87x); measure
     # (bench/step_variants.py) before turning it on. On GPUs, NHWC is what tensor cores want.
@@ -155,6 +166,8 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
+    """The run: its batch, length, seed, checkpoints, precision and what it measures."""
+
     batch_size: int = bounded(16, "[1, inf)")  # GLOBAL images per iteration, over all processes
     # Images per process: null (batch_size / processes), a number (batch_size becomes it x
     # processes) or "auto": the most that fit memory_budget_gb, measured (see megdet plan).
@@ -216,13 +229,19 @@ class AdaScaleConfig:
 
 @dataclass
 class SolverConfig:
+    """SGD, its learning rate schedule, and how the lr follows the batch size."""
+
     base_lr: float = bounded(0.02, "(0, inf)")  # lr at base_batch images (linear scaling rule)
-    base_batch: int = bounded(16, "[1, inf)")
-    momentum: float = bounded(0.9, "[0, 1)")
-    weight_decay: float = bounded(1e-4, "[0, inf)")
+    base_batch: int = bounded(16, "[1, inf)")  # the batch base_lr is for
+    momentum: float = bounded(0.9, "[0, 1)")  # SGD momentum
+    weight_decay: float = bounded(1e-4, "[0, inf)")  # L2 weight decay
     weight_decay_norm: float = bounded(0.0, "[0, inf)")  # on BatchNorm/GroupNorm scales and shifts
-    nesterov: bool = False
+    nesterov: bool = False  # Nesterov momentum
+    # From a low lr to the scaled one: linear (Goyal's gradual warmup), constant (the low lr,
+    # then a jump), none.
     warmup: str = "linear"
+    # Warmup length in iterations; the presets give warmup_epochs instead, so that a change
+    # of the batch size alone changes a run.
     warmup_iters: int = bounded(500, "[0, inf)")
     warmup_epochs: float | None = bounded(
         None, "[0, inf)"
@@ -230,6 +249,8 @@ class SolverConfig:
     # Learning rate at iteration 0 as a fraction of the scaled lr; null: base_lr / lr, i.e.
     # start at the small-batch rate (MegDet section 3.2).
     warmup_factor: float | None = bounded(None, "(0, 1]")
+    # step (solver.steps, solver.gamma, train.epochs), normal (x0.1 at epochs 8, 10; ends at
+    # 11), long (x0.1 at 11, 14, x0.5 at 17; ends at 18).
     policy: str = "step"
     steps: list[float] = bounded(lambda: [8.0, 10.0], "(0, inf)")  # epochs, policy "step"
     gamma: float = bounded(0.1, "(0, 1]")  # a decay: each step multiplies the lr by it
@@ -255,13 +276,17 @@ class SolverConfig:
 
 @dataclass
 class LogConfig:
+    """What a run writes as it trains (metrics.jsonl always)."""
+
     period: int = bounded(20, "[1, inf)")  # iterations between metric lines
-    tensorboard: bool = True
+    tensorboard: bool = True  # also TensorBoard event files in the run folder
 
 
 @dataclass
 class EvalConfig:
-    images_per_device: int = bounded(8, "[1, inf)")
+    """Evaluation on the val split (after each train.eval_period epochs, and megdet eval)."""
+
+    images_per_device: int = bounded(8, "[1, inf)")  # inference batch per process
     # faster: faster-coco-eval (C++, identical metrics on our fixtures, ~9x faster on 5,000
     # images; see BENCHMARKS.md); pycocotools: the reference implementation.
     backend: str = "faster"
@@ -281,11 +306,13 @@ class ClassificationConfig:
     # random crop + flip: CIFAR), none (resize + center crop, as evaluation).
     augment: str = "random_resized_crop"
     zero_init_residual: bool = True  # each residual block's last BN gamma starts at 0 (5.1)
-    label_smoothing: float = bounded(0.0, "[0, 1)")
+    label_smoothing: float = bounded(0.0, "[0, 1)")  # cross-entropy label smoothing
 
 
 @dataclass
 class Config:
+    """A run's whole configuration."""
+
     task: str = "detection"  # what is trained: the model, data and evaluation it brings
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -294,6 +321,26 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     classification: ClassificationConfig = field(default_factory=ClassificationConfig)
+
+
+# The string keys that take one of a few values: validate() refuses any other, and the
+# config reference lists them.
+CHOICES = {
+    "task": TASKS,
+    "model.backbone": BACKBONES,
+    "model.norm": NORMS,
+    "model.norm_scope": NORM_SCOPES,
+    "train.checkpointing": CHECKPOINTING,
+    "train.dtype": DTYPES,
+    "train.amp": AMPS,
+    "solver.warmup": WARMUPS,
+    "solver.policy": POLICIES,
+    "solver.module_lr": MODULE_LRS,
+    "solver.lr_scaling": LR_SCALINGS,
+    "solver.adascale.pace": ADASCALE_PACES,
+    "eval.backend": EVAL_BACKENDS,
+    "classification.augment": AUGMENTS,
+}
 
 
 def preset_names() -> list[str]:
@@ -332,23 +379,10 @@ def validate(cfg: Config) -> None:
     steps = cfg.solver.steps
     if sorted(set(steps)) != steps or any(step <= 0 for step in steps):
         raise ConfigError(f"solver.steps: must be positive and increasing, got {steps}")
-    choices = {
-        "model.backbone": (cfg.model.backbone, BACKBONES),
-        "model.norm": (cfg.model.norm, NORMS),
-        "model.norm_scope": (cfg.model.norm_scope, NORM_SCOPES),
-        "solver.policy": (cfg.solver.policy, POLICIES),
-        "solver.warmup": (cfg.solver.warmup, WARMUPS),
-        "train.checkpointing": (cfg.train.checkpointing, CHECKPOINTING),
-        "eval.backend": (cfg.eval.backend, EVAL_BACKENDS),
-        "train.dtype": (cfg.train.dtype, DTYPES),
-        "train.amp": (cfg.train.amp, AMPS),
-        "solver.module_lr": (cfg.solver.module_lr, MODULE_LRS),
-        "solver.lr_scaling": (cfg.solver.lr_scaling, LR_SCALINGS),
-        "solver.adascale.pace": (cfg.solver.adascale.pace, ADASCALE_PACES),
-        "task": (cfg.task, TASKS),
-        "classification.augment": (cfg.classification.augment, AUGMENTS),
-    }
-    for key, (value, allowed) in choices.items():
+    for key, allowed in CHOICES.items():
+        value = cfg
+        for name in key.split("."):
+            value = getattr(value, name)
         if value not in allowed:
             raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
     for key, value, interval in _bounded_values(cfg):
