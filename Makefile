@@ -7,7 +7,7 @@ SHAPES := data/shapes/annotations/instances_train.json
 PATTERNS := data/patterns/val
 PATTERNS64 := data/patterns64/val
 
-.PHONY: install demo demo-classify pretrain test lint format bench bench-roi reproduce reproduce-quick device-wheels clean
+.PHONY: install demo demo-classify pretrain test lint format docs bench bench-roi reproduce reproduce-quick device-wheels clean
 
 install: $(STAMP)
 
@@ -46,6 +46,17 @@ pretrain: $(STAMP) $(PATTERNS64)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2
 
+# The manual as a site (site/): docs/config.md regenerated from megdet/config.py first, then
+# mkdocs with --strict, so that a broken link or a page missing from the nav fails the build.
+DOCS_STAMP := $(VENV)/.megdet-docs-installed
+$(DOCS_STAMP): pyproject.toml | $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(PY) -m megdet config --list > docs/config.md.tmp && mv docs/config.md.tmp docs/config.md
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -68,7 +79,7 @@ bench: $(STAMP)
 bench-roi: $(STAMP) $(SHAPES)
 	$(PY) bench/roi_batch_tradeoff.py --values 32,64,128,256,512 --record
 
-# Issue 13's large-batch studies, each run a plain `megdet train` (README: "Does large batch work?").
+# Issue 13's large-batch studies, each run a plain `megdet train` (docs/studies.md).
 # Every study, at the seeds of the committed tables: about 13 hours on 2 cores. A stopped study
 # continues where it stopped (finished runs are kept in experiments/runs/).
 DEMO_PRESET_ROWS := b16,b32,b64,b128,b256,b1024-100,b256-linear,b32-model,b64-model,b128-model,b256-model,b64-global,b256-global

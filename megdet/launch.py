@@ -2,7 +2,7 @@
 say in one line how they ended.
 
 ``megdet train --nproc N ...`` is exactly ``torchrun --standalone --nproc-per-node N -m megdet
-train ...``; on a cluster, call torchrun yourself on every node (see README).
+train ...``; on a cluster, call torchrun yourself on every node (see docs/gpus.md).
 
 The workers leave their one line (an error, a stop) in a folder the launcher reads once they
 have all ended, so that a problem met by one rank is reported once, by its owner, instead of

@@ -111,6 +111,7 @@ def test_instant_train_then_eval_through_the_cli(cli, tmp_path, monkeypatch):
 
 
 def test_missing_data_is_a_one_line_error(tmp_path):
+    """The hint to generate the data only where the path is the demo presets' own set."""
     proc = megdet(
         "train", "--config", "instant_test", "--out", tmp_path / "r",
         f"data.train.json={tmp_path}/nope.json",
@@ -118,8 +119,15 @@ def test_missing_data_is_a_one_line_error(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
         f"megdet: error: data.train.json: {tmp_path}/nope.json not found; pass "
-        "data.train.json=FILE and data.train.images=DIR, or, for the presets' demo data, run "
-        "`make demo` in the repository first (it writes data/shapes) and run from there"
+        "data.train.json=FILE and data.train.images=DIR"
+    )
+    proc = megdet("plan", "--config", "default", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "megdet: error: data.train.json: data/shapes/annotations/instances_train.json not found "
+        f"(relative to {tmp_path}); pass data.train.json=FILE and data.train.images=DIR, or, "
+        "for the presets' demo data, run `make demo` in the repository first (it writes "
+        "data/shapes) and run from there"
     )
 
 

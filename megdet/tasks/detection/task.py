@@ -246,9 +246,13 @@ def _required(path: str, key: str) -> str:
     if not Path(path).is_file():
         split = key.split(".")[1]
         where = f" (relative to {Path.cwd()})" if not Path(path).is_absolute() else ""
+        demo = (  # the demo presets' own set, which `make demo` generates
+            ", or, for the presets' demo data, run `make demo` in the repository first (it "
+            "writes data/shapes) and run from there"
+            if "data/shapes/" in Path(path).as_posix()
+            else ""
+        )
         raise DataError(
-            f"{key}: {path} not found{where}; pass {key}=FILE and data.{split}.images=DIR, or, "
-            "for the presets' demo data, run `make demo` in the repository first (it writes "
-            "data/shapes) and run from there"
+            f"{key}: {path} not found{where}; pass {key}=FILE and data.{split}.images=DIR{demo}"
         )
     return path
