@@ -259,16 +259,20 @@ def _plot_noise_scale(runs: list[RunLog], path: Path, plt, x: str) -> Path:
     dashed line of the same color: a batch far above the noise scale buys little per image."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     _colors([ax], len(runs), plt)
+    gaps = False
     for run in runs:
-        points = [(r["iter" if x == "iteration" else "epoch"], r["gns"]) for r in run.train
-                  if r.get("gns", 0) > 0]  # fmt: skip
-        if not points:
+        xs, ys = noise_scale_series(run, x)
+        measured = sum(not math.isnan(y) for y in ys)
+        if not measured:
             continue
-        (line,) = ax.plot(*zip(*points, strict=True), label=f"{run.name}: noise scale",
-                          marker=_marker(len(points)))  # fmt: skip
+        gaps |= measured < len(ys)
+        (line,) = ax.plot(xs, ys, label=f"{run.name}: noise scale", marker=_marker(measured))
         if run.global_batch:
             ax.axhline(run.global_batch, color=line.get_color(), linestyle="--", linewidth=1)
-    ax.set(xlabel=x, ylabel="images", title="Gradient noise scale B_simple (dashed: the batch)")
+    title = "Gradient noise scale B_simple (dashed: the batch)"
+    if gaps:  # say what a break in a line is, rather than let it read as missing data
+        title += "\ngaps: |G|^2 estimated <= 0 there (noise only)"
+    ax.set(xlabel=x, ylabel="images", title=title)
     if ax.lines:
         ax.set_yscale("log")
         ax.legend()
@@ -276,6 +280,15 @@ def _plot_noise_scale(runs: list[RunLog], path: Path, plt, x: str) -> Path:
         ax.text(0.5, 0.5, "no noise scale logged (train.gns with 2+ processes)", ha="center",
                 transform=ax.transAxes)  # fmt: skip
     return _save(fig, path)
+
+
+def noise_scale_series(run: RunLog, x: str) -> tuple[list[float], list[float]]:
+    """Each logged noise scale against ``x``; NaN where the squared gradient came out <= 0
+    (the log then has ``grad_sq`` without ``gns``: noise only, no scale to draw), so that the
+    line breaks there instead of joining its neighbours across it."""
+    records = [r for r in run.train if "gns" in r or "grad_sq" in r]
+    xs = [r["iter" if x == "iteration" else "epoch"] for r in records]
+    return xs, [r["gns"] if (r.get("gns") or 0) > 0 else math.nan for r in records]
 
 
 def _plot_adascale(runs: list[RunLog], path: Path, plt) -> Path:

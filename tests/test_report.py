@@ -1,12 +1,14 @@
 """`megdet report` from hand-written run folders: the numbers in Table 1 and the plots."""
 
 import json
+import math
 
 import pytest
 from PIL import Image
 
 from megdet.errors import MegdetError
 from megdet.report import (
+    noise_scale_series,
     per_epoch,
     ratio_spread,
     read_run,
@@ -120,3 +122,23 @@ def test_what_was_not_measured_is_said_not_drawn(tmp_path, caplog):
     assert "noise_scale.png: not drawn, no run logged a gradient noise scale" in caplog.text
     rows = [line for line in table1([read_run(run)]).splitlines() if line.startswith("| one")]
     assert all(line.endswith(" | - | - |") and "epoch 1: " in line for line in rows)
+
+
+def test_the_noise_scale_line_breaks_where_it_was_not_measured(tmp_path):
+    """An estimate <= 0 (noise only) is a gap in the line, not a segment joining its
+    neighbours: NaN in the plotted series, the other points as logged."""
+    run_dir = _fake_run(tmp_path / "gappy", 16)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for record in records:  # as the trainer logs it: grad_sq <= 0 and no gns
+        if "gns" in record:
+            record["grad_sq"] = 1.0
+        if record.get("iter") in (5, 6) and "gns" in record:
+            record["grad_sq"] = -0.2
+            del record["gns"]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    xs, ys = noise_scale_series(read_run(run_dir), "iteration")
+    assert xs == list(range(1, 13))
+    assert [math.isnan(y) for y in ys] == [it in (5, 6) for it in xs]
+    assert [y for y in ys if not math.isnan(y)] == [100.0 + it for it in xs if it not in (5, 6)]
+    written = write_report([run_dir], tmp_path / "report")
+    assert tmp_path / "report" / "noise_scale.png" in written
