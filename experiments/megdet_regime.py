@@ -18,9 +18,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from agvm import AGVM, B256, BATCH
 from pretrain import BACKBONE_ROW, GOYAL_BATCHES, PLAIN_ROW
+from rescaled_backbone import write_rescaled
 from study import ROOT, Row, main
 from table3_cgbn import RECIPE
 
@@ -38,7 +40,15 @@ def pretrained_backbone(quick: bool) -> list[str]:
         )  # fmt: skip
     error = json.loads((folder / "study_result.json").read_text())["top1_err"]
     print(f"backbone: {folder} (top-1 error {error:.2f}%)", flush=True)
+    write_rescaled(folder, rescaled_file(quick))
     return [f"model.backbone_weights={folder}"]
+
+
+def rescaled_file(quick: bool) -> Path:
+    """The pretrained backbone with its weights at a fresh initialization's size
+    (``rescaled_backbone.py``): rows ``bB-rescaled``."""
+    name = f"{'quick-' if quick else ''}b128-s0-rescaled.pt"
+    return ROOT / "experiments" / "data" / "backbones" / name
 
 
 ROWS = [Row(f"b{b}", [f"train.batch_size={b}", *RECIPE]) for b in (16, 32, 64, 128, 256)]
@@ -78,6 +88,14 @@ ROWS += [
     for b in GOYAL_BATCHES
 ]  # fmt: skip
 
+# Why the pretrained backbone transfers negatively: its weights grew (stem 5x a fresh
+# initialization's RMS), which behind BN slows their learning as 1/|w|^2. The same backbone with
+# every weight scaled back, the network computing what it did (rescaled_backbone.py).
+ROWS += [
+    Row(f"b{b}-rescaled", [f"train.batch_size={b}", *RECIPE,
+                           f"model.backbone_weights={rescaled_file(False)}"])
+    for b in (16, 256)
+]  # fmt: skip
 # The plain-style backbone (pretrain.py's b128-plain, the detector's own domain): batch 16 and
 # 256 fine-tuned from it, and batch 16 with it frozen; its row must have run first.
 PLAIN = [f"model.backbone_weights={PRETRAIN_RUNS}/{PLAIN_ROW}-s0"]
