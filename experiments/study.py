@@ -189,9 +189,15 @@ def summarize(
             row.name, str(plan["global_batch"]), f"{plan['lr']:.3g}", str(plan["warmup_iters"]),
             steps[0] if len(set(steps)) == 1 else " / ".join(steps), gains, mean,
             " / ".join(f"{f:.2f}" for f in finals) or "—", "; ".join(diverged) or "none",
-            noise_cell, " ".join(row.overrides) or "(preset)",
+            noise_cell, _overrides_cell(row),
         ])  # fmt: skip
     return lines
+
+
+def _overrides_cell(row: Row) -> str:
+    """What makes the row: its overrides, and its data set where it is not the study's."""
+    cell = " ".join(row.overrides) or "(preset)"
+    return f"{cell} (data: {row.data})" if row.data else cell
 
 
 def _number(value: float | None) -> str:
