@@ -25,11 +25,16 @@ BODY_PREFIXES = {"classification": "net.", "detection": "backbone.body."}
 RUN_CHECKPOINT = Path("checkpoints") / "last.pt"
 
 
-def load_backbone_weights(body: nn.Module, backbone: str, source: str) -> None:
+def load_backbone_weights(
+    body: nn.Module, backbone: str, source: str, rescale: bool = False
+) -> None:
     """Pretrained weights and BN statistics into the backbone ``body`` (a classifier's net, or
     a detector's ResNet body); any classifier (``fc``) in the source is ignored. ``source``:
     ``imagenet`` (torchvision's, through the torch hub cache), a megdet run folder or
-    checkpoint of either task with the same ``model.backbone``, or a state_dict file."""
+    checkpoint of either task with the same ``model.backbone``, or a state_dict file.
+    ``rescale``: each normalized convolution's weights back to the size ``body``'s own fresh
+    initialization gave them (``rescale_to_initialization``)."""
+    initial = conv_sizes(body) if rescale else None
     if source == "imagenet":
         state, source = _imagenet_state_dict(backbone)
     else:
@@ -58,6 +63,54 @@ def load_backbone_weights(body: nn.Module, backbone: str, source: str) -> None:
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     log.info("loaded backbone weights from %s", source)
+    if initial is not None:
+        factors = rescale_to_initialization(body, initial)
+        log.info(
+            "rescaled %d convolutions to their initial size (x%.2f to x%.2f)",
+            len(factors), min(factors.values()), max(factors.values()),
+        )  # fmt: skip
+
+
+def normalized_convs(body: nn.Module) -> dict[str, tuple[nn.Conv2d, nn.Module]]:
+    """Each convolution whose output a normalization layer takes next (in the order the
+    modules are registered, as in torchvision's ResNets and the tiny one), with that layer: the
+    convolutions whose weights' size the network's outputs do not depend on."""
+    leaves = [(n, m) for n, m in body.named_modules() if not list(m.children())]
+    pairs = {}
+    for (name, conv), (_, after) in zip(leaves, leaves[1:], strict=False):
+        normalizes = hasattr(after, "running_var") or isinstance(after, nn.GroupNorm)
+        if isinstance(conv, nn.Conv2d) and normalizes:
+            pairs[name] = (conv, after)
+    return pairs
+
+
+def conv_sizes(body: nn.Module) -> dict[str, float]:
+    """The RMS of each normalized convolution's weights."""
+    return {name: _rms(conv.weight) for name, (conv, _) in normalized_convs(body).items()}
+
+
+def rescale_to_initialization(body: nn.Module, initial: dict[str, float]) -> dict[str, float]:
+    """Scale each normalized convolution's weights to the RMS they had in ``initial`` (a
+    fresh initialization's ``conv_sizes``), and the running statistics of the BN after it
+    with them, so that the network computes what it did (up to BN's eps). Behind a
+    normalization a weight's gradient shrinks as 1/|w| and its direction moves by lr/|w|^2:
+    pretraining that grew the weights (megdet's tiny classifier: its stem to 5x its initial
+    size) leaves them learning that much more slowly when fine-tuned (issue 26). Returns each
+    convolution's factor."""
+    factors = {}
+    with torch.no_grad():
+        for name, (conv, norm) in normalized_convs(body).items():
+            factor = initial[name] / _rms(conv.weight)
+            conv.weight.mul_(factor)
+            if getattr(norm, "running_var", None) is not None:
+                norm.running_mean.mul_(factor)
+                norm.running_var.mul_(factor**2)
+            factors[name] = factor
+    return factors
+
+
+def _rms(weight: torch.Tensor) -> float:
+    return weight.detach().double().pow(2).mean().sqrt().item()
 
 
 def checkpoint_file(source: str | Path) -> Path:

@@ -11,8 +11,14 @@ from torchvision.models import resnet18
 from megdet.config import load_config
 from megdet.errors import ConfigError
 from megdet.nn import norm_layer
-from megdet.nn.tiny_resnet import TinyResNetClassifier
-from megdet.nn.weights import file_sha256, record_backbone_source
+from megdet.nn.tiny_resnet import TinyResNet, TinyResNetClassifier
+from megdet.nn.weights import (
+    conv_sizes,
+    file_sha256,
+    load_backbone_weights,
+    normalized_convs,
+    record_backbone_source,
+)
 from megdet.tasks.classification.model import Classifier
 from megdet.tasks.detection.backbone import build_backbone
 from tests.conftest import instant_overrides, megdet
@@ -152,3 +158,63 @@ def test_pretrain_then_fine_tune_through_the_cli(tiny_patterns, tiny_shapes, tmp
         assert torch.equal(detector["backbone.body." + key[len("net.") :]], classifier[key]), key
     learned = "backbone.body.layer2.0.conv1.weight"
     assert not torch.equal(detector[learned], classifier["net.layer2.0.conv1.weight"])
+
+
+def _grown_classifier(path, seed: int = 1):
+    """A tiny classifier's checkpoint whose conv weights grew 1.5-5x, as pretraining grows
+    them, with BN statistics of a run."""
+    torch.manual_seed(seed)
+    net = TinyResNetClassifier(norm_layer("bn"), 6)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, nn.Conv2d):
+                module.weight.mul_(torch.empty(()).uniform_(1.5, 5.0))
+            elif isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 3)
+                module.weight.uniform_(0.5, 1.5)
+    return _checkpoint(path, "classification", "tiny", Classifier(net))
+
+
+def _exact_bn(channels):  # BN's eps breaks the invariance by eps against each variance
+    return nn.BatchNorm2d(channels, eps=1e-30)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_rescaled_weights_are_back_at_their_initial_size_and_compute_the_same(tmp_path, training):
+    """model.backbone_weights_rescale: every convolution behind a BN at its fresh RMS, the BN
+    statistics scaled with it, so the network's outputs (running or batch statistics) are
+    those of the weights as loaded, in float64."""
+    path = _grown_classifier(tmp_path / "last.pt")
+    rescaled = TinyResNet(_exact_bn).double()
+    initial = conv_sizes(rescaled)
+    load_backbone_weights(rescaled, "tiny", str(path), rescale=True)
+    as_loaded = TinyResNet(_exact_bn).double()
+    load_backbone_weights(as_loaded, "tiny", str(path))
+    assert len(initial) == sum(isinstance(m, nn.Conv2d) for m in rescaled.modules()) == 21
+    for name, size in conv_sizes(rescaled).items():
+        assert size == pytest.approx(initial[name], rel=1e-12), name
+        assert conv_sizes(as_loaded)[name] > 1.4 * size  # it did change them
+    images = torch.randn(4, 3, 64, 64, dtype=torch.float64)
+    rescaled.train(training), as_loaded.train(training)
+    with torch.no_grad():
+        torch.testing.assert_close(rescaled(images), as_loaded(images), rtol=1e-9, atol=1e-9)
+
+
+def test_the_detector_rescales_its_pretrained_body_when_asked(tmp_path):
+    path = _grown_classifier(tmp_path / "last.pt")
+    torch.manual_seed(0)
+    body = _detector_body("tiny", path, "model.backbone_weights_rescale=true")
+    torch.manual_seed(0)
+    fresh = TinyResNet(norm_layer("bn"))  # what build_backbone initialized before loading
+    for name, size in conv_sizes(fresh).items():
+        assert conv_sizes(body)[name] == pytest.approx(size, rel=1e-5), name
+    as_loaded = _detector_body("tiny", path)
+    assert conv_sizes(as_loaded)["stem.0"] > 1.4 * conv_sizes(body)["stem.0"]
+
+
+def test_only_convolutions_a_normalization_follows_are_rescaled():
+    """A convolution straight into another layer is not scale-invariant: it is left alone."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1),
+                        nn.ReLU(), nn.Conv2d(4, 8, 3), nn.GroupNorm(2, 8))  # fmt: skip
+    assert list(normalized_convs(net)) == ["0", "4"]

@@ -103,7 +103,7 @@ def build_classifier(
                 f"model.backbone_weights: there are no ImageNet weights for {name}; pass a "
                 "megdet checkpoint of one, or none"
             )
-        load_backbone_weights(net, name, source)
+        load_backbone_weights(net, name, source, rescale=cfg.model.backbone_weights_rescale)
     return Classifier(net, cfg.classification.label_smoothing)
 
 

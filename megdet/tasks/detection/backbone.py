@@ -37,7 +37,9 @@ def build_backbone(
         widths = [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
         stem = ["conv1", "bn1"]
     if pretrained and cfg.backbone_weights not in ("", "none"):
-        load_backbone_weights(body, cfg.backbone, cfg.backbone_weights)
+        load_backbone_weights(
+            body, cfg.backbone, cfg.backbone_weights, rescale=cfg.backbone_weights_rescale
+        )
     # detectron2's FREEZE_AT: 1 freezes the stem, 2 the stem and res2, ...
     stages = [stem, *([name] for name in STAGES)]
     for names in stages[: cfg.frozen_stages]:
