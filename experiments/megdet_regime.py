@@ -94,7 +94,7 @@ ROWS += [
 ROWS += [
     Row(f"b{b}-rescaled", [f"train.batch_size={b}", *RECIPE,
                            f"model.backbone_weights={rescaled_file(False)}"])
-    for b in (16, 256)
+    for b in (16, 32, 64, 128, 256)
 ]  # fmt: skip
 # The plain-style backbone (pretrain.py's b128-plain, the detector's own domain): batch 16 and
 # 256 fine-tuned from it, and batch 16 with it frozen; its row must have run first.
