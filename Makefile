@@ -36,7 +36,8 @@ $(PATTERNS64): | $(STAMP)
 	$(PY) -m megdet data patterns --out data/patterns64 --classes 36 --train 18000 --val 1800 --size 64 --seed 0
 
 # megdet pretrains the detector's own backbone (issue 26), as the MegDet-regime studies do:
-# then `megdet train --config default model.backbone_weights=runs/pretrain_tiny`.
+# then `megdet train --config default model.backbone_weights=runs/pretrain_tiny
+# model.backbone_weights_rescale=true` (docs/classification.md says why rescale).
 pretrain: $(STAMP) $(PATTERNS64)
 	$(PY) -m megdet train --config pretrain_tiny --nproc 2 --out runs/pretrain_tiny --overwrite
 	$(PY) -m megdet report runs/pretrain_tiny
