@@ -92,6 +92,9 @@ def _allowed(key: str, item: dataclasses.Field) -> str:
     return ""
 
 
+TOOL_COMMENTS = ("fmt:", "noqa", "type:")  # for the formatter, linter, type checker: not docs
+
+
 def explained(cls: type) -> tuple[str, dict[str, str]]:
     """A config dataclass's docstring, and each field's explanation: the comment lines right
     above it and the comment on its own lines, joined into one paragraph ("" where it has
@@ -100,8 +103,9 @@ def explained(cls: type) -> tuple[str, dict[str, str]]:
     lines = source.splitlines()
     comments: dict[int, str] = {}
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
-        if token.type == tokenize.COMMENT:
-            comments[token.start[0]] = token.string.lstrip("#").strip()
+        comment = token.string.lstrip("#").strip()
+        if token.type == tokenize.COMMENT and not comment.startswith(TOOL_COMMENTS):
+            comments[token.start[0]] = comment
     text = {}
     definition = ast.parse(source).body[0]
     for node in definition.body:

@@ -65,6 +65,7 @@ def test_comments_are_read_from_above_and_beside_a_field():
         # fmt: on
 
         bare: int = 4
+        tooled: int = 5  # noqa: E501
 
     about, comments = explained(Example)
     assert about == "What it is."
@@ -73,6 +74,7 @@ def test_comments_are_read_from_above_and_beside_a_field():
         "beside": "one beside",
         "both": "Above and beside, on the statement's last line",
         "bare": "",
+        "tooled": "",
     }
 
 
