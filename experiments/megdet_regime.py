@@ -5,7 +5,9 @@ to 256, only ``train.batch_size`` changing; the from-scratch column is ``table3_
 Rows ``bnN``: MegDet's BN size at batch 128; ``b256-agvm``, ``b512``, ``b512-agvm``: AGVM in
 this regime; ``frozen-bB``: Goyal et al.'s detection table (batch 2 ... 16, BN frozen). Rows
 ``b16-from-bB``: Goyal et al.'s pre-training table, batch 16 from the backbone
-``pretrain.py`` trained at batch B (run ``pretrain.py --rows bB-linear`` first).
+``pretrain.py`` trained at batch B (run ``pretrain.py --rows bB-linear`` first). Rows
+``bB-rescaled``: the backbone with its weights scaled back to a fresh initialization's size
+(why it transferred negatively); rows ``*-plain``: ``pretrain.py``'s ``b128-plain`` backbone.
 
     python experiments/megdet_regime.py [--rows b16,b256] [--seeds 0,1]
 
@@ -115,7 +117,11 @@ if __name__ == "__main__":
         "36 textured shapes at 64 px), 2 gloo processes, CGBN over both (BN size = the global "
         "batch), 8,000 shapes images at 64 px (val: 500), 7 epochs, linearly scaled lr (0.04 "
         "per 16 images), 3 epochs of warmup, gradient norm clipped at 1: table3_cgbn.md's "
-        "recipe, whose runs start from random weights.",
+        "recipe, whose runs start from random weights. Rows bB-rescaled: the same backbone "
+        "with each convolution scaled back to a fresh initialization's RMS "
+        "(rescaled_backbone.py; model.backbone_weights_rescale does the same); rows *-plain: "
+        "pretrain.py's b128-plain backbone (the plain style); rows b16-from-bB: the backbone "
+        "pretrain.py trained at batch B.",
         ROWS,
         prepare=pretrained_backbone,
     )
