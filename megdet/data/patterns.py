@@ -12,9 +12,10 @@ one ``numpy`` generator per image.
 
 The ``plain`` style is the detector's own domain instead (issue 26): the six shapes filled
 with one color, one to three of the image's class at the detection set's scales and aspect
-ratios, on the shapes set's backgrounds with its light noise. A backbone pretrained on the
-textured style transferred negatively to the shapes detector (``megdet_regime.md``); this one
-shares what the detector sees and differs in the task only.
+ratios, on the shapes set's backgrounds with its light noise: what the detector sees, with
+only the task changed. It was made to test whether the textured style's domain was why its
+backbone transferred negatively; it transferred worse, and the cause was elsewhere (the size of
+the pretrained weights: ``model.backbone_weights_rescale``, docs/studies.md).
 """
 
 from __future__ import annotations
