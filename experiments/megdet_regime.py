@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 from agvm import AGVM, B256, BATCH
 from pretrain import BACKBONE_ROW, GOYAL_BATCHES, PLAIN_ROW
@@ -42,15 +41,16 @@ def pretrained_backbone(quick: bool) -> list[str]:
         )  # fmt: skip
     error = json.loads((folder / "study_result.json").read_text())["top1_err"]
     print(f"backbone: {folder} (top-1 error {error:.2f}%)", flush=True)
-    write_rescaled(folder, rescaled_file(quick))
+    if not quick:  # the rows below name the full study's file; --quick has no such rows' data
+        write_rescaled(folder, RESCALED)
     return [f"model.backbone_weights={folder}"]
 
 
-def rescaled_file(quick: bool) -> Path:
-    """The pretrained backbone with its weights at a fresh initialization's size
-    (``rescaled_backbone.py``): rows ``bB-rescaled``."""
-    name = f"{'quick-' if quick else ''}b128-s0-rescaled.pt"
-    return ROOT / "experiments" / "data" / "backbones" / name
+# The pretrained backbone with its weights at a fresh initialization's size
+# (``rescaled_backbone.py``), for rows ``bB-rescaled``: written from the full study's backbone
+# only, so those rows do not run with --quick (model.backbone_weights_rescale=true does the
+# same from any backbone).
+RESCALED = ROOT / "experiments" / "data" / "backbones" / "b128-s0-rescaled.pt"
 
 
 ROWS = [Row(f"b{b}", [f"train.batch_size={b}", *RECIPE]) for b in (16, 32, 64, 128, 256)]
@@ -95,7 +95,7 @@ ROWS += [
 # every weight scaled back, the network computing what it did (rescaled_backbone.py).
 ROWS += [
     Row(f"b{b}-rescaled", [f"train.batch_size={b}", *RECIPE,
-                           f"model.backbone_weights={rescaled_file(False)}"])
+                           f"model.backbone_weights={RESCALED}"])
     for b in (16, 32, 64, 128, 256)
 ]  # fmt: skip
 # The plain-style backbone (pretrain.py's b128-plain, the detector's own domain): batch 16 and
