@@ -2,9 +2,10 @@
 each into its own run folder, and write their results as a markdown table.
 
 A row is a name and the overrides that make it; each (row, seed) is one run. A finished run
-(its ``eval/metrics.json`` or a recorded divergence is there) is not run again, so a study
-stopped halfway continues where it stopped. A run that diverges is a result: its iteration
-and lr are recorded from megdet's one-line message.
+(its ``study_result.json`` is there) is not run again, so a study stopped halfway continues
+where it stopped; a run stopped at a checkpoint (SIGTERM to its ``megdet train``, as at a
+session's end) is resumed from it by the next invocation, with the same command. A run that
+diverges is a result: its iteration and lr are recorded from megdet's one-line message.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from megdet.atomic import atomic_write_text
+from megdet.engine.stop import STOPPED_EXIT_CODE
 from megdet.hardware import cpu_name
 from megdet.report import per_epoch
 
@@ -39,6 +42,9 @@ QUICK_PATTERNS64 = ROOT / "experiments" / "data" / "patterns64_4k"
 # The same sizes in the plain style: the detector's own domain, 6 classes.
 PLAIN64 = ROOT / "experiments" / "data" / "plain64_18k"
 QUICK_PLAIN64 = ROOT / "experiments" / "data" / "plain64_4k"
+# An attempt stopped at a checkpoint (megdet's exit code 75, e.g. on SIGTERM) leaves this in its
+# run folder; the study's next invocation resumes the run from there.
+STOPPED_FILE = "study_stopped.json"
 DIVERGED = re.compile(r"training diverged at iteration (\d+) \(lr ([0-9.e+-]+)\)")
 
 
@@ -124,10 +130,24 @@ def run(
         return json.loads(result_file.read_text())
     command = [sys.executable, "-m", "megdet", "train", "--config", config, *common,
                *rule, *row.overrides, f"train.seed={seed}", "log.tensorboard=false",
-               "--nproc", "2", "--out", str(out), "--overwrite"]  # fmt: skip
+               "--nproc", "2", "--out", str(out)]  # fmt: skip
+    earlier = _stopped_earlier(out, command)
     begin = time.perf_counter()
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    result = {"row": row.name, "seed": seed, "wall_s": round(time.perf_counter() - begin, 1)}
+    proc = subprocess.run(
+        [*command, "--resume" if earlier else "--overwrite"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    wall = round(time.perf_counter() - begin + (earlier or {}).get("wall_s", 0.0), 1)
+    if proc.returncode == STOPPED_EXIT_CODE:  # stopped with a checkpoint (SIGTERM): resumable
+        partial = {"command": command, "wall_s": wall}
+        atomic_write_text(out / STOPPED_FILE, json.dumps(partial, indent=1) + "\n")
+        raise SystemExit(f"{row.name} seed {seed} stopped at a checkpoint; run the study again "
+                         "to continue it")  # fmt: skip
+    result = {"row": row.name, "seed": seed, "wall_s": wall}
+    if earlier:
+        result["resumed"] = True
     result["command"] = " ".join(command[1:])
     diverged = DIVERGED.search(proc.stderr)
     if diverged:
@@ -155,8 +175,21 @@ def run(
     if not diverged:
         result[metric] = result[per_epoch_key][-1]
     out.mkdir(parents=True, exist_ok=True)
-    result_file.write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_text(result_file, json.dumps(result, indent=1) + "\n")
+    (out / STOPPED_FILE).unlink(missing_ok=True)
     return result
+
+
+def _stopped_earlier(out: Path, command: list[str]) -> dict | None:
+    """What an earlier attempt of this very run recorded when it was stopped at a checkpoint
+    (its command and wall time), or None: a run is resumed only with the command it began
+    with, else it starts over."""
+    try:
+        partial = json.loads((out / STOPPED_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    complete = (out / "checkpoints" / "last.pt").is_file()
+    return partial if complete and partial.get("command") == command else None
 
 
 def summarize(

@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -79,6 +80,19 @@ def instant_overrides(root: Path, val_split: str = "train") -> list[str]:
         f"data.val.json={root}/annotations/instances_{val_split}.json",
         f"data.val.images={root}/{val_split}",
     ]
+
+
+def start_and_wait_for_iterations(command, metrics: Path, iterations: int) -> subprocess.Popen:
+    """Start a training command and return once its ``metrics.jsonl`` has ``iterations``
+    lines (a run to stop mid-way); fails with the run's stderr if it ends or stalls first."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= iterations:
+            return proc
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"no {iterations} iterations logged: {proc.communicate()[1][-2000:]}")
 
 
 @pytest.fixture

@@ -8,14 +8,13 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from megdet.engine.stop import REPEAT_WINDOW_S, STOPPED_EXIT_CODE
-from tests.conftest import instant_overrides
+from tests.conftest import instant_overrides, start_and_wait_for_iterations
 
 
 def _command(tiny_shapes, out, *extra):
@@ -23,17 +22,6 @@ def _command(tiny_shapes, out, *extra):
             *instant_overrides(tiny_shapes), "train.max_iter=40", "log.period=1",
             "model.norm=cgbn", "data.hflip=true", "train.eval_period=0", "--out", str(out),
             *extra]  # fmt: skip
-
-
-def _start_and_wait_for_iterations(command, metrics, iterations: int):
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= iterations:
-            return proc
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError(f"no {iterations} iterations logged: {proc.communicate()[1][-2000:]}")
 
 
 def _rank(pid: int) -> int:
@@ -55,7 +43,7 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_gives_the_uninterrupted_weig
     done = subprocess.run(_command(tiny_shapes, straight), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    proc = _start_and_wait_for_iterations(_command(tiny_shapes, split), split / "metrics.jsonl", 5)
+    proc = start_and_wait_for_iterations(_command(tiny_shapes, split), split / "metrics.jsonl", 5)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == STOPPED_EXIT_CODE, stderr[-3000:]
@@ -87,7 +75,7 @@ def test_a_killed_worker_is_named_with_the_last_checkpoint_and_the_resume_comman
 ):
     run = tmp_path / "run"
     command = _command(tiny_shapes, run, "train.checkpoint_period=2")
-    proc = _start_and_wait_for_iterations(command, run / "metrics.jsonl", 5)
+    proc = start_and_wait_for_iterations(command, run / "metrics.jsonl", 5)
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
     rank_of = {pid: _rank(pid) for pid in map(int, workers.stdout.split())}
     assert sorted(rank_of.values()) == [0, 1], workers
