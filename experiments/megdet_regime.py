@@ -7,7 +7,9 @@ this regime; ``frozen-bB``: Goyal et al.'s detection table (batch 2 ... 16, BN f
 ``b16-from-bB``: Goyal et al.'s pre-training table, batch 16 from the backbone
 ``pretrain.py`` trained at batch B (run ``pretrain.py --rows bB-linear`` first). Rows
 ``bB-rescaled``: the backbone with its weights scaled back to a fresh initialization's size
-(why it transferred negatively); rows ``*-plain``: ``pretrain.py``'s ``b128-plain`` backbone.
+(why it transferred negatively); rows ``*-plain``: ``pretrain.py``'s ``b128-plain`` backbone;
+rows ``b16-preset-rescaled`` and ``bB-adascale-rescaled``: issue 25's AdaScale in this regime
+(the demo preset, no recipe).
 
     python experiments/megdet_regime.py [--rows b16,b256] [--seeds 0,1]
 
@@ -98,6 +100,16 @@ ROWS += [
                            f"model.backbone_weights={RESCALED}"])
     for b in (16, 32, 64, 128, 256)
 ]  # fmt: skip
+# Issue 25 in this regime: the demo preset itself (no Table 3 recipe: its own warmup, no
+# clipping), only the batch changed, the lr following the measured noise (AdaScale), from the
+# rescaled backbone; batch 16 (where AdaScale is the linear rule) is its base. The
+# from-scratch column is adascale.py's.
+ROWS += [Row("b16-preset-rescaled", ["train.batch_size=16", f"model.backbone_weights={RESCALED}"])]
+ROWS += [
+    Row(f"b{b}-adascale-rescaled", [f"train.batch_size={b}", "solver.lr_scaling=adascale",
+                                    f"model.backbone_weights={RESCALED}"])
+    for b in (32, 64, 128, 256)
+]  # fmt: skip
 # The plain-style backbone (pretrain.py's b128-plain, the detector's own domain): batch 16 and
 # 256 fine-tuned from it, and batch 16 with it frozen; its row must have run first.
 PLAIN = [f"model.backbone_weights={PRETRAIN_RUNS}/{PLAIN_ROW}-s0"]
@@ -121,7 +133,10 @@ if __name__ == "__main__":
         "with each convolution scaled back to a fresh initialization's RMS "
         "(rescaled_backbone.py; model.backbone_weights_rescale does the same); rows *-plain: "
         "pretrain.py's b128-plain backbone (the plain style); rows b16-from-bB: the backbone "
-        "pretrain.py trained at batch B.",
+        "pretrain.py trained at batch B; rows b16-preset-rescaled and bB-adascale-rescaled: "
+        "the demo preset itself from the rescaled backbone (its 0.8-epoch warmup, no clipping, "
+        "x0.1 at epoch 6), AdaScale above batch 16 (issue 25; the from-scratch column is "
+        "adascale.md).",
         ROWS,
         prepare=pretrained_backbone,
     )
