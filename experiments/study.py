@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The studies' shapes set: 8,000 images at 64 px give batch 256 31 iterations an epoch.
 STUDY_DATA = ROOT / "experiments" / "data" / "shapes64_8k"
 QUICK_DATA = ROOT / "experiments" / "data" / "shapes64_2k"  # --quick: the same, a quarter
+QUICK_DATA_500 = ROOT / "experiments" / "data" / "shapes64_500"  # a quarter of that
 STUDY_SIZE = ["model.min_size=64", "model.max_size=64"]
 # Goyal's studies (issue 16): 10 classes of 32 px textured shapes, 10,000 images (quick: 2,500).
 PATTERNS = ROOT / "experiments" / "data" / "patterns32_10k"
@@ -64,9 +65,10 @@ class Setting:
     config: str
     metric: str
     label: str
-    # "study": the 64 px study sets; "demo": the preset's own data/shapes; "patterns32" and
-    # "patterns64": the classification sets of Goyal's studies and of pretraining; "plain64":
-    # pretraining in the detector's domain (``data patterns --style plain``).
+    # "study": the 64 px study sets ("study2k": their quarter, 2,000 images); "demo": the
+    # preset's own data/shapes; "patterns32" and "patterns64": the classification sets of
+    # Goyal's studies and of pretraining; "plain64": pretraining in the detector's domain
+    # (``data patterns --style plain``).
     data: str = "study"
     # The studies of the linear rule keep it whatever the preset's solver.lr_scaling (auto
     # since issue 25); a row may still set it. None: the preset's own.
@@ -277,6 +279,9 @@ def study_data(kind: str, quick: bool) -> list[str]:
     if kind == "demo":  # `make demo`'s own set, generated as the Makefile does
         folder, train, val = (QUICK_DEMO_DATA, 500, 100) if quick else (DEMO_DATA, 2000, 200)
         return ensure_shapes(folder, train=train, val=val, size=128)
+    if kind == "study2k":  # a quarter of the study set, for rows whose steps are many
+        folder, train, val = (QUICK_DATA_500, 500, 100) if quick else (QUICK_DATA, 2000, 200)
+        return STUDY_SIZE + ensure_shapes(folder, train=train, val=val, size=64)
     folder, train = (QUICK_DATA, 2000) if quick else (STUDY_DATA, 8000)
     return STUDY_SIZE + ensure_shapes(folder, train=train, val=200 if quick else 500, size=64)
 
