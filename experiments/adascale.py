@@ -21,6 +21,12 @@ ROWS = [Row(f"b{b}", [f"train.batch_size={b}"]) for b in BATCHES] + [
     Row(f"b{b}-adascale", [f"train.batch_size={b}", "solver.lr_scaling=adascale"])
     for b in BATCHES[1:]
 ]
+# Batch 1024 has 8 steps an epoch on this set; under AdaScale its whole run would take 1,400-2,000
+# of them (2-3 hours here): its first 100 steps, to show whether it diverges.
+ROWS += [
+    Row("b1024-adascale-100",
+        ["train.batch_size=1024", "solver.lr_scaling=adascale", "train.max_iter=100"])
+]  # fmt: skip
 # One gain for the whole model (the paper's statement; megdet's only AdaScale before per-module
 # gains, commit 0080c54): the committed seed-0 rows b64 and b256 ran this way.
 ROWS += [
