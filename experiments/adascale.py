@@ -21,6 +21,10 @@ ROWS = [Row(f"b{b}", [f"train.batch_size={b}"]) for b in BATCHES] + [
     Row(f"b{b}-adascale", [f"train.batch_size={b}", "solver.lr_scaling=adascale"])
     for b in BATCHES[1:]
 ]
+# AdaScale's large batches end on more images than batch 16's 7 epochs (batch 64: about 13):
+# batch 16 given twice its epochs (the decay at the same fraction), the control that says
+# whether their accuracy comes from the images or from the batch.
+ROWS += [Row("b16-14ep", ["train.batch_size=16", "train.epochs=14", "solver.steps=[12]"])]
 # Batch 1024 has 8 steps an epoch on this set; under AdaScale its whole run would take 1,400-2,000
 # of them (2-3 hours here): its first 100 steps, to show whether it diverges.
 ROWS += [
