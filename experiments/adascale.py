@@ -48,7 +48,11 @@ if __name__ == "__main__":
         "Demo detector (`--config default`), 2 gloo processes, CGBN over both, 8,000 shapes "
         "images at 64 px (val: 500), 7 epochs (of progress at batch 16 under AdaScale), the "
         "demo's warmup and decays unchanged; lr 0.04 per 16 images (linear) or 0.04 x the "
-        "measured gain (AdaScale).",
+        "measured gain (AdaScale). The runs ran at: b16, b256 and the -global rows by 073b2c0 "
+        "(the -global rows before per-module gains existed, as solver.lr_scaling=adascale; "
+        "renamed from bB-adascale by hand); b32-b256-adascale at cf17727; b16-14ep and "
+        "b1024-adascale-100 at 076e4a2. Row b16-14ep: batch 16 on as many images as batch 64 "
+        "under AdaScale, the control for where AdaScale's accuracy comes from.",
         ROWS,
         report=True,
     )
