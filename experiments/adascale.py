@@ -25,8 +25,9 @@ ROWS = [Row(f"b{b}", [f"train.batch_size={b}"]) for b in BATCHES] + [
 # batch 16 given twice its epochs (the decay at the same fraction), the control that says
 # whether their accuracy comes from the images or from the batch.
 ROWS += [Row("b16-14ep", ["train.batch_size=16", "train.epochs=14", "solver.steps=[12]"])]
-# Batch 1024 has 8 steps an epoch on this set; under AdaScale its whole run would take 1,400-2,000
-# of them (2-3 hours here): its first 100 steps, to show whether it diverges.
+# Batch 1024 has 8 steps an epoch on this set; under AdaScale its whole run would take about
+# 1,200 of them (1.7 hours here, docs/studies.md): its first 100 steps, to show whether it
+# diverges.
 ROWS += [
     Row("b1024-adascale-100",
         ["train.batch_size=1024", "solver.lr_scaling=adascale", "train.max_iter=100"])

@@ -143,7 +143,7 @@ def run(
     )
     wall = round(time.perf_counter() - begin + (earlier or {}).get("wall_s", 0.0), 1)
     if proc.returncode == STOPPED_EXIT_CODE:  # stopped with a checkpoint (SIGTERM): resumable
-        partial = {"command": command, "wall_s": wall}
+        partial = {"command": _portable(command), "wall_s": wall}
         atomic_write_text(out / STOPPED_FILE, json.dumps(partial, indent=1) + "\n")
         raise SystemExit(f"{row.name} seed {seed} stopped at a checkpoint; run the study again "
                          "to continue it")  # fmt: skip
@@ -191,7 +191,13 @@ def _stopped_earlier(out: Path, command: list[str]) -> dict | None:
     except (OSError, ValueError):
         return None
     complete = (out / "checkpoints" / "last.pt").is_file()
-    return partial if complete and partial.get("command") == command else None
+    return partial if complete and partial.get("command") == _portable(command) else None
+
+
+def _portable(command: list[str]) -> list[str]:
+    """The command without what differs between checkouts of the same study (the interpreter,
+    the checkout's own path: a study continued from another git worktree is the same run)."""
+    return [part.replace(str(ROOT), "<repo>") for part in command[1:]]
 
 
 def summarize(
