@@ -87,7 +87,7 @@ ADASCALE_ROWS := b16,b256,b32-adascale,b64-adascale,b128-adascale,b256-adascale,
 DEMO_PRESET_ROWS := b16,b32,b64,b128,b256,b1024-100,b256-linear,b32-model,b64-model,b128-model,b256-model,b64-global,b256-global
 GOYAL_ADASCALE_ROWS := b128,b256-adascale,b512-adascale,b1024-adascale
 PRETRAIN_ROWS := b128,b256-linear,b512-linear,b1024-linear,b2048-linear,b128-plain
-MEGDET_REGIME_ROWS := b16,b32,b64,b128,b256,b16-scratch,b16-from-detector,b16-frozen-body,bn2,bn8,bn32,frozen-b2,frozen-b4,frozen-b8,frozen-b16,frozen-b16-cgbn,b16-rescaled,b32-rescaled,b64-rescaled,b128-rescaled,b256-rescaled,b16-preset-rescaled,b32-adascale-rescaled,b64-adascale-rescaled,b128-adascale-rescaled,b256-adascale-rescaled,b16-from-plain,b256-from-plain,b16-frozen-plain,b256-agvm,b512,b16-from-b256,b16-from-b512,b16-from-b1024,b16-from-b2048
+MEGDET_REGIME_ROWS := b16,b32,b64,b128,b256,b16-scratch,b16-from-detector,b16-frozen-body,bn2,bn8,bn32,frozen-b2,frozen-b4,frozen-b8,frozen-b16,frozen-b2-noclip,frozen-b4-noclip,frozen-b8-noclip,frozen-b16-noclip,frozen-b16-cgbn,b16-rescaled,b32-rescaled,b64-rescaled,b128-rescaled,b256-rescaled,b16-preset-rescaled,b32-adascale-rescaled,b64-adascale-rescaled,b128-adascale-rescaled,b256-adascale-rescaled,b16-from-plain,b256-from-plain,b16-frozen-plain,b256-agvm,b512,b16-from-b256,b16-from-b512,b16-from-b1024,b16-from-b2048
 reproduce: $(STAMP)
 	$(PY) experiments/table3_cgbn.py --seeds 0,1,2
 	$(PY) experiments/table2_no_bn.py --seeds 0
