@@ -152,7 +152,9 @@ if __name__ == "__main__":
         "pretrain.py trained at batch B; rows b16-preset-rescaled and bB-adascale-rescaled: "
         "the demo preset itself from the rescaled backbone (its 0.8-epoch warmup, no clipping, "
         "x0.1 at epoch 6), AdaScale above batch 16 (issue 25; the from-scratch column is "
-        "adascale.md); rows frozen-bB-noclip: frozen-bB without clipping.",
+        "adascale.md); rows frozen-bB-noclip: frozen-bB without clipping. The runs ran at the "
+        "commits docs/studies.md names; the -noclip rows (both seeds) and the AdaScale rows at "
+        "c6d2ebb.",
         ROWS,
         prepare=pretrained_backbone,
     )
