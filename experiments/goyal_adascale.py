@@ -1,7 +1,7 @@
 """AdaScale on Goyal et al.'s small-scale setting (issue 25): does following the measured noise
 move the batch at which classification breaks? ``classify_demo`` with only the batch and
 ``solver.lr_scaling: adascale`` changed (10 epochs of progress at its base batch 128, its
-decays at 5 and 8, no warmup: the base batch has none), batch 128 to 1,024.
+decays at 5 and 8, no warmup: the base batch has none), batch 128 to 2,048.
 
     python experiments/goyal_adascale.py [--rows b128,b512-adascale] [--seeds 0,1]
 
@@ -18,7 +18,7 @@ ROWS = [
     Row("b256-linear", ["train.batch_size=256", "solver.warmup=linear", "solver.warmup_epochs=2"]),
 ] + [
     Row(f"b{b}-adascale", [f"train.batch_size={b}", "solver.lr_scaling=adascale"])
-    for b in (256, 512, 1024)
+    for b in (256, 512, 1024, 2048)
 ]
 
 if __name__ == "__main__":
