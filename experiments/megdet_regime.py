@@ -6,15 +6,15 @@ Rows ``bnN``: MegDet's BN size at batch 128; ``b256-agvm``, ``b512``, ``b512-agv
 this regime; ``frozen-bB``: Goyal et al.'s detection table (batch 2 ... 16, BN frozen;
 ``-noclip``: without clipping). Rows ``b16-from-bB``: Goyal et al.'s pre-training table, batch
 16 from the backbone ``pretrain.py`` trained at batch B (run ``pretrain.py --rows bB-linear``
-first). Rows ``bB-rescaled``: the backbone with its weights scaled back to a fresh
-initialization's size (why it transferred negatively); rows ``*-plain``: ``pretrain.py``'s
-``b128-plain`` backbone; rows ``b16-preset-rescaled`` and ``bB-adascale-rescaled``: issue 25's
-AdaScale in this regime (the demo preset, no recipe).
+first, with ``--fresh`` where only its record is here). Rows ``bB-rescaled``: the backbone with
+its weights scaled back to a fresh initialization's size (why it transferred negatively);
+rows ``*-plain``: ``pretrain.py``'s ``b128-plain`` backbone; rows ``b16-preset-rescaled`` and
+``bB-adascale-rescaled``: issue 25's AdaScale in this regime (the demo preset, no recipe).
 
     python experiments/megdet_regime.py [--rows b16,b256] [--seeds 0,1]
 
-Runs go to ``experiments/runs/megdet_regime/``; the table to
-``experiments/results/megdet_regime.md``.
+Runs go to ``experiments/runs/megdet_regime/`` (their records to
+``experiments/results/megdet_regime/runs/``); the table to ``experiments/results/megdet_regime.md``.
 """
 
 from __future__ import annotations
@@ -32,13 +32,14 @@ from table3_cgbn import RECIPE
 
 def pretrained_backbone(quick: bool) -> list[str]:
     """The pretrain study's backbone run (trained once, then reused): the override that starts
-    every detector from it."""
+    every detector from it. Its weights are needed, not its record: on a machine without its
+    run folder it is trained again (``--fresh``), and its record then describes this run."""
     runs = ROOT / "experiments" / "runs" / ("quick/pretrain" if quick else "pretrain")
     folder = runs / f"{BACKBONE_ROW}-s0"
     if not (folder / "study_result.json").is_file():
         subprocess.run(
             [sys.executable, str(ROOT / "experiments" / "pretrain.py"), "--rows", BACKBONE_ROW,
-             "--seeds", "0", *(["--quick"] if quick else [])],
+             "--seeds", "0", "--fresh", *(["--quick"] if quick else [])],
             check=True,
         )  # fmt: skip
     error = json.loads((folder / "study_result.json").read_text())["top1_err"]
@@ -100,7 +101,7 @@ ROWS += [
         data="study2k")
 ]  # fmt: skip
 # Goyal et al.'s pre-training table: batch 16 (row b16's run) from each backbone pretrain.py
-# trained at a larger batch under the linear rule; its rows must have run first.
+# trained at a larger batch under the linear rule; its runs must be here (`pretrain.py --fresh`).
 PRETRAIN_RUNS = ROOT / "experiments" / "runs" / "pretrain"
 ROWS += [
     Row(f"b16-from-b{b}", ["train.batch_size=16", *RECIPE,
@@ -127,7 +128,7 @@ ROWS += [
     for b in (32, 64, 128, 256)
 ]  # fmt: skip
 # The plain-style backbone (pretrain.py's b128-plain, the detector's own domain): batch 16 and
-# 256 fine-tuned from it, and batch 16 with it frozen; its row must have run first.
+# 256 fine-tuned from it, and batch 16 with it frozen; its run must be here (`pretrain.py --fresh`).
 PLAIN = [f"model.backbone_weights={PRETRAIN_RUNS}/{PLAIN_ROW}-s0"]
 ROWS += [
     Row("b16-from-plain", ["train.batch_size=16", *RECIPE, *PLAIN]),

@@ -2,10 +2,13 @@
 each into its own run folder, and write their results as a markdown table.
 
 A row is a name and the overrides that make it; each (row, seed) is one run. A finished run
-(its ``study_result.json`` is there) is not run again, so a study stopped halfway continues
-where it stopped; a run stopped at a checkpoint (SIGTERM to its ``megdet train``, as at a
-session's end) is resumed from it by the next invocation, with the same command. A run that
-diverges is a result: its iteration and lr are recorded from megdet's one-line message.
+is not run again, so a study stopped halfway continues where it stopped: on this machine (its
+``study_result.json`` in ``experiments/runs/``) or on another, from the run's record, a copy of
+that result committed in ``experiments/results/NAME/runs/`` (``--fresh`` ignores records). A
+run stopped at a checkpoint (SIGTERM to its ``megdet train``, as at a session's end) is resumed
+from it by the next invocation, with the same command. A run that diverges is a result: its
+iteration and lr are recorded from megdet's one-line message. The table is every finished run
+of the study, whichever invocation, machine or commit ran it; each record names its own.
 """
 
 from __future__ import annotations
@@ -122,14 +125,23 @@ def run(
     config: str = "default",
     metric="mmAP",
     lr_scaling: str | None = "linear",
+    records: Path | None = None,
+    fresh: bool = False,
 ) -> dict:
     """One training run (or its stored result); returns what the table needs: ``metric`` (in
-    percent) per epoch and at the end. ``lr_scaling``: the rule unless the row sets one."""
+    percent) per epoch and at the end. ``lr_scaling``: the rule unless the row sets one.
+    ``records``: the folder of committed results, read (unless ``fresh``) where the run is not
+    in ``runs`` and written after it."""
     rule = [f"solver.lr_scaling={lr_scaling}"] if lr_scaling else []
     out = runs / f"{row.name}-s{seed}"
     result_file = out / "study_result.json"
+    record = records / f"{row.name}-s{seed}.json" if records else None
     if result_file.is_file():
-        return json.loads(result_file.read_text())
+        result = json.loads(result_file.read_text())
+        _keep_record(record, row, result)
+        return result
+    if record and not fresh and (stored := read_record(record, row)):
+        return stored
     command = [sys.executable, "-m", "megdet", "train", "--config", config, *common,
                *rule, *row.overrides, f"train.seed={seed}", "log.tensorboard=false",
                "--nproc", "2", "--out", str(out)]  # fmt: skip
@@ -176,10 +188,59 @@ def run(
     result["plan"] = {k: plan[k] for k in ("global_batch", "lr", "warmup_iters", "max_iter")}
     if not diverged:
         result[metric] = result[per_epoch_key][-1]
+    result["commit"], result["cpu"] = _commit(), _cpu()
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(result_file, json.dumps(result, indent=1) + "\n")
     (out / STOPPED_FILE).unlink(missing_ok=True)
+    _keep_record(record, row, result)
     return result
+
+
+def _keep_record(record: Path | None, row: Row, result: dict) -> None:
+    """Commit-ready copy of a finished run's result: paths relative to the checkout, and the
+    row's overrides, by which a later invocation knows the record is of the row it defines."""
+    if record is None:
+        return
+    kept = {**result, "overrides": _overrides_cell(row)}
+    if "command" in kept:
+        kept["command"] = _relative(kept["command"])
+    text = json.dumps(kept, indent=1) + "\n"
+    if not record.is_file() or record.read_text() != text:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(record, text)
+
+
+def read_record(record: Path, row: Row) -> dict | None:
+    """A committed run's result, or None where there is none or it is of another definition of
+    the row (its overrides changed since): such a run is run again."""
+    if not record.is_file():
+        return None
+    stored = json.loads(record.read_text())
+    if stored.get("overrides") != _overrides_cell(row):
+        print(f"{record}: ran as `{stored.get('overrides')}`, the row is now "
+              f"`{_overrides_cell(row)}`: running it again", flush=True)  # fmt: skip
+        return None
+    return stored
+
+
+def finished(rows: list[Row], runs: Path, records: Path) -> dict[str, list[dict]]:
+    """Every finished run of the rows, here or recorded, by row, seeds ascending: the table."""
+    results: dict[str, list[dict]] = {}
+    for row in rows:
+        pattern = re.compile(rf"{re.escape(row.name)}-s(\d+)")
+        names = [p.name for p in runs.glob(f"{row.name}-s*") if (p / "study_result.json").is_file()]
+        names += [p.stem for p in records.glob(f"{row.name}-s*.json")]
+        seeds = sorted({int(m[1]) for n in names if (m := pattern.fullmatch(n))})
+        for seed in seeds:
+            local = runs / f"{row.name}-s{seed}" / "study_result.json"
+            found = (
+                json.loads(local.read_text())
+                if local.is_file()
+                else read_record(records / f"{row.name}-s{seed}.json", row)
+            )
+            if found:
+                results.setdefault(row.name, []).append(found)
+    return results
 
 
 def _stopped_earlier(out: Path, command: list[str]) -> dict | None:
@@ -192,6 +253,11 @@ def _stopped_earlier(out: Path, command: list[str]) -> dict | None:
         return None
     complete = (out / "checkpoints" / "last.pt").is_file()
     return partial if complete and partial.get("command") == _portable(command) else None
+
+
+def _relative(text: str) -> str:
+    """Paths inside the checkout written relative to it, as a committed file must."""
+    return text.replace(f"{ROOT}/", "")
 
 
 def _portable(command: list[str]) -> list[str]:
@@ -224,7 +290,7 @@ def summarize(
             mean = f"{finals[0]:.2f}" if finals else "—"
         noise = [r["gns_per_epoch"] for r in done if r.get("gns_per_epoch")]
         noise_cell = " / ".join(" ".join(map(_number, n)) for n in noise) or "—"
-        steps = [str(r.get("steps", r["plan"]["max_iter"])) for r in done]
+        steps = [str(r["steps"] if "steps" in r else r["plan"]["max_iter"]) for r in done]
         gains = " / ".join(f"{r['mean_gain']:.2f}" for r in done if "mean_gain" in r) or "—"
         lines.append([
             row.name, str(plan["global_batch"]), f"{plan['lr']:.3g}", str(plan["warmup_iters"]),
@@ -237,7 +303,7 @@ def summarize(
 
 def _overrides_cell(row: Row) -> str:
     """What makes the row: its overrides, and its data set where it is not the study's."""
-    cell = " ".join(row.overrides) or "(preset)"
+    cell = _relative(" ".join(row.overrides)) or "(preset)"
     return f"{cell} (data: {row.data})" if row.data else cell
 
 
@@ -254,20 +320,25 @@ def write_table(
               "noise scale per epoch", "overrides"]  # fmt: skip
     table = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
     table += [f"| {' | '.join(line)} |" for line in summarize(rows, results, setting.metric)]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                            capture_output=True, text=True).stdout.strip()  # fmt: skip
     text = (
-        f"# {title}\n\n{notes}\n\nCommand: `python {' '.join(sys.argv)}` at commit {commit} on "
-        f"{_cpu()} ({platform.python_version()}).\n\n" + "\n".join(table) + "\n"
+        f"# {title}\n\n{notes}\n\nTable written by `python {' '.join(sys.argv)}` at commit "
+        f"{_commit()} on {_cpu()} ({platform.python_version()}), from every finished run of the "
+        f"study; each run's command, commit and machine are in its record, "
+        f"`{_relative(str(path.with_suffix('')))}/runs/ROW-sSEED.json`.\n\n"
+        + "\n".join(table)
+        + "\n"
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_text(path, text)
 
 
 def _cpu() -> str:
     return f"{cpu_name()}, {os.cpu_count()} CPUs"
+
+
+def _commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
 
 
 def study_data(kind: str, quick: bool) -> list[str]:
@@ -302,10 +373,11 @@ def main(
     setting: Setting = DETECTION,
     prepare=None,
 ):
-    """A study's command line: ``--rows``, ``--seeds``, ``--quick``, ``--table-only``; runs to
-    ``experiments/runs/NAME``, the table (rewritten after every run) to
-    ``experiments/results/NAME.md`` and, with ``report``, ``megdet report`` of the runs (plots,
-    MegDet Table 1) to ``experiments/results/NAME/``.
+    """A study's command line: ``--rows``, ``--seeds``, ``--quick``, ``--table-only``,
+    ``--fresh``; runs to ``experiments/runs/NAME``, their records to
+    ``experiments/results/NAME/runs/``, the table of every finished run (rewritten after every
+    run) to ``experiments/results/NAME.md`` and, with ``report``, ``megdet report`` of the runs
+    (plots, MegDet Table 1) to ``experiments/results/NAME/``, where every run's folder is here.
 
     ``--quick`` runs the same rows on a quarter of the data (2,000 shapes images, 2,500
     patterns, 500 of the demo's), into ``runs/quick`` and
@@ -321,7 +393,12 @@ def main(
     parser.add_argument(
         "--table-only",
         action="store_true",
-        help="run nothing: the table (and report) of the runs already finished",
+        help="run nothing: the table (and report) of every run already finished",
+    )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="run the chosen rows again where only a committed record of them is here",
     )
     args = parser.parse_args()
     chosen = [r for r in rows if not args.rows or r.name in args.rows.split(",")]
@@ -330,27 +407,40 @@ def main(
             f"--rows: none of {args.rows} is a row; rows: {', '.join(r.name for r in rows)}"
         )
     base = ROOT / "experiments"
-    kinds = {setting.data, *(row.data for row in chosen if row.data)}
-    sets = {kind: study_data(kind, args.quick) for kind in kinds}
-    extra = [] if prepare is None else prepare(args.quick)
     if args.quick:
         runs, results_dir = base / "runs" / "quick" / name, base / "results" / "quick"
     else:
         runs, results_dir = base / "runs" / name, base / "results"
-    results: dict[str, list[dict]] = {}
-    folders = []
-    for seed in (int(s) for s in args.seeds.split(",")):
-        for row in chosen:
-            run_dir = runs / f"{row.name}-s{seed}"
-            if args.table_only and not (run_dir / "study_result.json").is_file():
-                continue
-            data = [*sets[row.data or setting.data], *extra]
-            result = run(row, seed, runs, data, setting.config, setting.metric, setting.lr_scaling)
-            folders.append(run_dir)
-            results.setdefault(row.name, []).append(result)
-            print(row.name, seed, result.get(setting.metric, result.get("diverged")), flush=True)
-            write_table(results_dir / f"{name}.md", title, notes, chosen, results, setting)
+    records = results_dir / name / "runs"
+    if not args.table_only:
+        kinds = {setting.data, *(row.data for row in chosen if row.data)}
+        sets = {kind: study_data(kind, args.quick) for kind in kinds}
+        extra = [] if prepare is None else prepare(args.quick)
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for row in chosen:
+                data = [*sets[row.data or setting.data], *extra]
+                result = run(row, seed, runs, data, setting.config, setting.metric,
+                             setting.lr_scaling, records, args.fresh)  # fmt: skip
+                print(row.name, seed, result.get(setting.metric, result.get("diverged")),
+                      flush=True)  # fmt: skip
+                done = finished(rows, runs, records)
+                write_table(results_dir / f"{name}.md", title, notes, rows, done, setting)
+    done = finished(rows, runs, records)
+    write_table(results_dir / f"{name}.md", title, notes, rows, done, setting)
     if report:
-        from megdet.report import write_report
+        _report(runs, rows, done, results_dir / name)
 
-        write_report(folders, results_dir / name)
+
+def _report(runs: Path, rows: list[Row], done: dict[str, list[dict]], out: Path) -> None:
+    """``megdet report`` of the table's runs, where all of their folders are here: plots of some
+    of them would silently drop the others (a record keeps the result, not the run's log)."""
+    from megdet.report import write_report
+
+    folders = [runs / f"{row.name}-s{r['seed']}" for row in rows for r in done.get(row.name, [])]
+    missing = [f.name for f in folders if not (f / "metrics.jsonl").is_file()]
+    if missing:
+        some = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        print(f"{out}: plots not redrawn: {len(missing)} runs finished on another machine "
+              f"({some})", flush=True)  # fmt: skip
+        return
+    write_report(folders, out)
