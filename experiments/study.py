@@ -224,7 +224,8 @@ def read_record(record: Path, row: Row) -> dict | None:
 
 
 def finished(rows: list[Row], runs: Path, records: Path) -> dict[str, list[dict]]:
-    """Every finished run of the rows, here or recorded, by row, seeds ascending: the table."""
+    """Every finished run of the rows, here or recorded, by row, seeds ascending: the table.
+    A run here without its record (finished by an older checkout) gets one."""
     results: dict[str, list[dict]] = {}
     for row in rows:
         pattern = re.compile(rf"{re.escape(row.name)}-s(\d+)")
@@ -233,11 +234,12 @@ def finished(rows: list[Row], runs: Path, records: Path) -> dict[str, list[dict]
         seeds = sorted({int(m[1]) for n in names if (m := pattern.fullmatch(n))})
         for seed in seeds:
             local = runs / f"{row.name}-s{seed}" / "study_result.json"
-            found = (
-                json.loads(local.read_text())
-                if local.is_file()
-                else read_record(records / f"{row.name}-s{seed}.json", row)
-            )
+            record = records / f"{row.name}-s{seed}.json"
+            if local.is_file():
+                found = json.loads(local.read_text())
+                _keep_record(record, row, found)
+            else:
+                found = read_record(record, row)
             if found:
                 results.setdefault(row.name, []).append(found)
     return results
