@@ -17,6 +17,16 @@ from tests.distributed import exact_cuda_kernels
 COCO128 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco128"
 
 
+def pytest_configure(config):
+    """One compute thread per test process under pytest-xdist (``make test``: two workers on two
+    cores), inherited by the ``megdet`` processes a test starts: two workers of one thread per
+    core each would spin on each other's cores (OpenMP waits busily), and a single-process run
+    that takes both cores leaves the other worker none."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--device",
