@@ -167,3 +167,21 @@ def test_records_read_back_from_a_table_write_the_same_table(tmp_path, monkeypat
     old = [line for line in OLD_TABLE.splitlines() if line.startswith("| ")]
     new = [line for line in written.read_text().splitlines() if line.startswith("| ")]
     assert new == [line.replace("/work/main/", "") for line in old]
+
+
+def test_a_command_from_another_checkout_of_the_study_is_the_same_run(monkeypatch):
+    """A study continued from a git worktree resumes the runs its main checkout stopped: the
+    checkout's own path is not part of a run's identity, nor of a committed record."""
+    seen = []
+    for root in ("/work/main", "/tmp/wt1"):
+        monkeypatch.setattr(study, "ROOT", Path(root))
+        command = ["/usr/bin/python3", "-m", "megdet", f"data.train.images={root}/experiments/x"]
+        seen.append((study._portable(command), study._relative(" ".join(command[1:]))))
+    assert (
+        seen[0]
+        == seen[1]
+        == (
+            ["-m", "megdet", "data.train.images=<repo>/experiments/x"],
+            "-m megdet data.train.images=experiments/x",
+        )
+    )
