@@ -218,7 +218,8 @@ def read_record(record: Path, row: Row) -> dict | None:
     stored = json.loads(record.read_text())
     if stored.get("overrides") != _overrides_cell(row):
         print(f"{record}: ran as `{stored.get('overrides')}`, the row is now "
-              f"`{_overrides_cell(row)}`: running it again", flush=True)  # fmt: skip
+              f"`{_overrides_cell(row)}`: not the row's run (the study runs it again)",
+              flush=True)  # fmt: skip
         return None
     return stored
 
