@@ -29,7 +29,9 @@ if __name__ == "__main__":
         "classify_demo: CIFAR ResNet-20, 2 gloo processes, BN over 32 images, 10 classes of 32 "
         "px textured shapes (10,000 training, 2,000 val images), 10 epochs (of progress at "
         "batch 128 under AdaScale; lr x0.1 at 5, 8), lr 0.1 at batch 128: x batch / 128 "
-        "(linear, with a 2-epoch warmup) or x the measured gain (AdaScale).",
+        "(linear, with a 2-epoch warmup) or x the measured gain (AdaScale). Rows b128 to "
+        "b1024-adascale ran by 59137cc (records read back from this table), b2048-adascale at "
+        "650323a (43 min, stopped once and resumed).",
         ROWS,
         report=True,
         setting=CLASSIFICATION,
