@@ -52,8 +52,10 @@ if __name__ == "__main__":
         "measured gain (AdaScale). The runs ran at: b16, b256 and the -global rows by 073b2c0 "
         "(the -global rows before per-module gains existed, as solver.lr_scaling=adascale; "
         "renamed from bB-adascale by hand); b32-b256-adascale at cf17727; b16-14ep and "
-        "b1024-adascale-100 at 076e4a2. Row b16-14ep: batch 16 on as many images as batch 64 "
-        "under AdaScale, the control for where AdaScale's accuracy comes from.",
+        "b1024-adascale-100 at 076e4a2 (records read back from this table); the seed-1 runs at "
+        "650323a, on a faster machine of the same kind (wall times 0.55-0.85x). Row b16-14ep: "
+        "batch 16 on as many images as batch 64 under AdaScale, the control for where "
+        "AdaScale's accuracy comes from.",
         ROWS,
         report=True,
     )
