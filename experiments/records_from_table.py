@@ -86,6 +86,7 @@ def records(table: Path) -> dict[str, dict]:
                     "warmup_iters": int(cells["warmup it"]),
                 },
                 "steps": int(steps[index]) if steps else None,
+                # The committed tables were written from /work/main: relative, as a record's.
                 "overrides": re.sub(r"/work/main/", "", cells["overrides"]),
             }
             if gains and gains[index] != "—":
