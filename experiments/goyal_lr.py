@@ -56,7 +56,8 @@ if __name__ == "__main__":
         f"Batch {BASE}: lr {BASE_LR:g}, no warmup. Batch {LARGE}: lr x{K} (linear scaling), x1, "
         f"x{math.sqrt(K):.2f} (sqrt), gradual warmup over 2 epochs from {BASE_LR:g}; or x the "
         "measured gain (AdaScale, row -adascale: no warmup, 10 epochs of progress at batch "
-        f"{BASE}). Rows b64 to b1024-sqrtk ran on AMD EPYC at 61e7acb (records from the table).",
+        f"{BASE}). Rows b64 to b1024-sqrtk ran on AMD EPYC at 61e7acb (records from the table); "
+        "b1024-adascale on Intel Xeon at 650323a (seed 0) and f84ae62 (seed 1).",
         ROWS,
         report=True,
         setting=CLASSIFICATION,
