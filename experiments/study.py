@@ -136,11 +136,7 @@ def run(
     out = runs / f"{row.name}-s{seed}"
     result_file = out / "study_result.json"
     record = records / f"{row.name}-s{seed}.json" if records else None
-    if result_file.is_file():
-        result = json.loads(result_file.read_text())
-        _keep_record(record, row, result)
-        return result
-    if record and not fresh and (stored := read_record(record, row)):
+    if stored := _stored(result_file, record, row, fresh):
         return stored
     command = [sys.executable, "-m", "megdet", "train", "--config", config, *common,
                *rule, *row.overrides, f"train.seed={seed}", "log.tensorboard=false",
@@ -196,6 +192,16 @@ def run(
     return result
 
 
+def _stored(result_file: Path, record: Path | None, row: Row, fresh: bool) -> dict | None:
+    """The run's finished result: here (then also kept as its record), else its record unless
+    ``fresh``; None where it has to run."""
+    if result_file.is_file():
+        result = json.loads(result_file.read_text())
+        _keep_record(record, row, result)
+        return result
+    return read_record(record, row) if record and not fresh else None
+
+
 def _keep_record(record: Path | None, row: Row, result: dict) -> None:
     """Commit-ready copy of a finished run's result: paths relative to the checkout, and the
     row's overrides, by which a later invocation knows the record is of the row it defines."""
@@ -235,13 +241,7 @@ def finished(rows: list[Row], runs: Path, records: Path) -> dict[str, list[dict]
         seeds = sorted({int(m[1]) for n in names if (m := pattern.fullmatch(n))})
         for seed in seeds:
             local = runs / f"{row.name}-s{seed}" / "study_result.json"
-            record = records / f"{row.name}-s{seed}.json"
-            if local.is_file():
-                found = json.loads(local.read_text())
-                _keep_record(record, row, found)
-            else:
-                found = read_record(record, row)
-            if found:
+            if found := _stored(local, records / f"{row.name}-s{seed}.json", row, fresh=False):
                 results.setdefault(row.name, []).append(found)
     return results
 
