@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from megdet.atomic import atomic_write_text
 from megdet.engine.stop import STOPPED_EXIT_CODE
 from megdet.hardware import cpu_name
@@ -184,6 +186,7 @@ def run(
     result["plan"] = {k: plan[k] for k in ("global_batch", "lr", "warmup_iters", "max_iter")}
     if not diverged:
         result[metric] = result[per_epoch_key][-1]
+    result.update(_backbone_source(out))
     result["commit"], result["cpu"] = _commit(), _cpu()
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(result_file, json.dumps(result, indent=1) + "\n")
@@ -196,10 +199,22 @@ def _stored(result_file: Path, record: Path | None, row: Row, fresh: bool) -> di
     """The run's finished result: here (then also kept as its record), else its record unless
     ``fresh``; None where it has to run."""
     if result_file.is_file():
-        result = json.loads(result_file.read_text())
+        result = {**_backbone_source(result_file.parent), **json.loads(result_file.read_text())}
         _keep_record(record, row, result)
         return result
     return read_record(record, row) if record and not fresh else None
+
+
+def _backbone_source(out: Path) -> dict:
+    """The sha256 of the backbone file the run started from (its config.yaml's), where it
+    started from one: a backbone trained again on another machine is another file, and the
+    record says which the run had."""
+    try:
+        model = yaml.safe_load((out / "config.yaml").read_text()).get("model", {})
+    except (OSError, AttributeError, yaml.YAMLError):
+        return {}
+    digest = model.get("backbone_weights_sha256")
+    return {"backbone_sha256": digest} if digest else {}
 
 
 def _keep_record(record: Path | None, row: Row, result: dict) -> None:

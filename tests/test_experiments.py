@@ -101,10 +101,13 @@ def test_a_finished_run_is_recorded_and_another_checkout_continues_from_the_reco
               "command": f"train data.train.images={study.ROOT}/experiments/data/x"}  # fmt: skip
     (runs / "b16-s0").mkdir(parents=True)
     (runs / "b16-s0" / "study_result.json").write_text(json.dumps(result))
+    # The run started from a backbone file: its config.yaml names the file's sha256.
+    (runs / "b16-s0" / "config.yaml").write_text("model:\n  backbone_weights_sha256: ab12\n")
     monkeypatch.setattr(study.subprocess, "run", _trains)
-    assert study.run(rows[0], 0, runs, [], records=records) == result
+    assert study.run(rows[0], 0, runs, [], records=records) == {**result, "backbone_sha256": "ab12"}
     record = json.loads((records / "b16-s0.json").read_text())
     assert record["command"] == "train data.train.images=experiments/data/x"
+    assert record["backbone_sha256"] == "ab12"
     assert record["overrides"] == "train.batch_size=16" and record["mmAP"] == 50.0
 
     # Another machine: no run folders, the records only (and one of a row whose name extends
