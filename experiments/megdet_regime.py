@@ -8,8 +8,10 @@ this regime; ``frozen-bB``: Goyal et al.'s detection table (batch 2 ... 16, BN f
 16 from the backbone ``pretrain.py`` trained at batch B (run ``pretrain.py --rows bB-linear``
 first, with ``--fresh`` where only its record is here). Rows ``bB-rescaled``: the backbone with
 its weights scaled back to a fresh initialization's size (why it transferred negatively);
-rows ``*-plain``: ``pretrain.py``'s ``b128-plain`` backbone; rows ``b16-preset-rescaled`` and
-``bB-adascale-rescaled``: issue 25's AdaScale in this regime (the demo preset, no recipe).
+rows ``*-plain``: ``pretrain.py``'s ``b128-plain`` backbone (``-rescaled``: rows
+``b16-from-bB`` and ``*-plain`` with the weights' size taken out as megdet loads them); rows
+``b16-preset-rescaled`` and ``bB-adascale-rescaled``: issue 25's AdaScale in this regime (the
+demo preset, no recipe).
 
     python experiments/megdet_regime.py [--rows b16,b256] [--seeds 0,1]
 
@@ -134,6 +136,20 @@ ROWS += [
     Row("b16-from-plain", ["train.batch_size=16", *RECIPE, *PLAIN]),
     Row("b256-from-plain", ["train.batch_size=256", *RECIPE, *PLAIN]),
     Row("b16-frozen-plain", ["train.batch_size=16", *RECIPE, *PLAIN, "model.frozen_stages=5"]),
+]
+# The pre-training table and the plain backbone with the weights' size taken out, as rows
+# bB-rescaled take it out of the b128 backbone: megdet rescales each backbone as it loads it
+# (model.backbone_weights_rescale), so what is left between the rows is the features.
+RESCALE = "model.backbone_weights_rescale=true"
+ROWS += [
+    Row(f"b16-from-b{b}-rescaled", ["train.batch_size=16", *RECIPE,
+                                    f"model.backbone_weights={PRETRAIN_RUNS}/b{b}-linear-s0",
+                                    RESCALE])
+    for b in GOYAL_BATCHES
+]  # fmt: skip
+ROWS += [
+    Row("b16-from-plain-rescaled", ["train.batch_size=16", *RECIPE, *PLAIN, RESCALE]),
+    Row("b256-from-plain-rescaled", ["train.batch_size=256", *RECIPE, *PLAIN, RESCALE]),
 ]
 
 if __name__ == "__main__":
