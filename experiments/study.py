@@ -224,7 +224,7 @@ def _keep_record(record: Path | None, row: Row, result: dict) -> None:
         return
     kept = {**result, "overrides": _overrides_cell(row)}
     if "command" in kept:
-        kept["command"] = _relative(kept["command"])
+        kept["command"] = _relative(kept["command"], _ran_in(kept["command"]))
     text = json.dumps(kept, indent=1) + "\n"
     if not record.is_file() or record.read_text() != text:
         record.parent.mkdir(parents=True, exist_ok=True)
@@ -273,9 +273,20 @@ def _stopped_earlier(out: Path, command: list[str]) -> dict | None:
     return partial if complete and partial.get("command") == _portable(command) else None
 
 
-def _relative(text: str) -> str:
-    """Paths inside the checkout written relative to it, as a committed file must."""
-    return text.replace(f"{ROOT}/", "")
+def _relative(text: str, checkout: Path | str | None = None) -> str:
+    """Paths inside the checkout (this one unless given) written relative to it, as a committed
+    file must."""
+    return text.replace(f"{checkout or ROOT}/", "")
+
+
+def _ran_in(command: str) -> str:
+    """The checkout a run's command ran in, from its ``--out`` folder
+    (``CHECKOUT/experiments/runs/...``): a run finished in a git worktree is recorded from the
+    main checkout, whose own path its command does not contain."""
+    out = command.split(" --out ", 1)[-1].split(" ", 1)[0]
+    if out.startswith("/") and "/experiments/runs/" in out:
+        return out.split("/experiments/runs/", 1)[0]
+    return str(ROOT)
 
 
 def _portable(command: list[str]) -> list[str]:

@@ -172,7 +172,7 @@ def test_records_read_back_from_a_table_write_the_same_table(tmp_path, monkeypat
     assert new == [line.replace("/work/main/", "") for line in old]
 
 
-def test_a_command_from_another_checkout_of_the_study_is_the_same_run(monkeypatch):
+def test_a_command_from_another_checkout_of_the_study_is_the_same_run(monkeypatch, tmp_path):
     """A study continued from a git worktree resumes the runs its main checkout stopped: the
     checkout's own path is not part of a run's identity, nor of a committed record."""
     seen = []
@@ -187,4 +187,12 @@ def test_a_command_from_another_checkout_of_the_study_is_the_same_run(monkeypatc
             ["-m", "megdet", "data.train.images=<repo>/experiments/x"],
             "-m megdet data.train.images=experiments/x",
         )
+    )
+    # A run finished in the worktree, its record kept from the main checkout: relative too.
+    monkeypatch.setattr(study, "ROOT", Path("/work/main"))
+    record = tmp_path / "b16-s0.json"
+    ran = "-m megdet train x=/tmp/wt1/experiments/data/y --out /tmp/wt1/experiments/runs/s/b16-s0"
+    study._keep_record(record, study.Row("b16", []), {"row": "b16", "command": ran})
+    assert json.loads(record.read_text())["command"] == (
+        "-m megdet train x=experiments/data/y --out experiments/runs/s/b16-s0"
     )
