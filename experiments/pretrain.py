@@ -33,7 +33,11 @@ if __name__ == "__main__":
         "training, 1,800 val images), 10 epochs (lr x0.1 at 5, 8), lr 0.1 x batch / 128 (the "
         "linear rule), with a 2-epoch linear warmup above batch 128. Row b128-plain: the same "
         "at batch 128 on the plain style (6 classes of plain shapes, 1-3 an image, on the "
-        "detection set's backgrounds: `data patterns --style plain`), 18,000 / 1,800 images.",
+        "detection set's backgrounds: `data patterns --style plain`), 18,000 / 1,800 images. "
+        "Every run here ran again at 4b502c5 on AMD EPYC, where the first runs' folders were "
+        "gone (their records are in git history: at 53477dc on Intel Xeon, 6.67, 10.22, "
+        "24.83, 59.61, 73.33 and 33.56% in this table's order); the detection runs from "
+        "these backbones name them by sha256 in their records.",
         ROWS,
         report=True,
         setting=PRETRAIN,
