@@ -171,9 +171,11 @@ if __name__ == "__main__":
         "x0.1 at epoch 6), AdaScale above batch 16 (issue 25; the from-scratch column is "
         "adascale.md); rows frozen-bB-noclip: frozen-bB without clipping. The runs ran at the "
         "commits docs/studies.md names; the -noclip rows (both seeds) and the AdaScale rows at "
-        "c6d2ebb, on Intel Xeon; the second seeds of b32-b256-rescaled at 4b502c5 on AMD EPYC, "
-        "from the backbone retrained there (the same 6.67% top-1 error and noise scale per "
-        "epoch; each record names its backbone file's sha256).",
+        "c6d2ebb, on Intel Xeon; the second seeds of b32-b256-rescaled and the rows "
+        "b16-from-bB-rescaled and *-plain-rescaled at 4b502c5 on AMD EPYC, from the backbones "
+        "pretrain.py retrained there (b128: the same 6.67% top-1 error and noise scale per "
+        "epoch; the others 1-4 points apart, pretrain.md; each record names its backbone "
+        "file's sha256).",
         ROWS,
         prepare=pretrained_backbone,
     )
