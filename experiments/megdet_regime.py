@@ -173,7 +173,9 @@ if __name__ == "__main__":
         "commits docs/studies.md names; the -noclip rows (both seeds) and the AdaScale rows at "
         "c6d2ebb, on Intel Xeon; the second seeds of b32-b256-rescaled, b16-preset-rescaled and "
         "b32-b128-adascale-rescaled, and the rows "
-        "b16-from-bB-rescaled and *-plain-rescaled at 4b502c5 on AMD EPYC, from the backbones "
+        "b16-from-bB-rescaled and *-plain-rescaled at 4b502c5 on AMD EPYC, and the second seeds "
+        "of b256-adascale-rescaled, b16-from-bB(-rescaled), *-plain-rescaled, b16-from-plain, "
+        "b128 and bn2-bn32 at 89d3b12 on AMD EPYC, from the backbones "
         "pretrain.py retrained there (b128: the same 6.67% top-1 error and noise scale per "
         "epoch; the others 1-4 points apart, pretrain.md; each record names its backbone "
         "file's sha256).",
