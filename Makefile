@@ -96,6 +96,7 @@ reproduce: $(STAMP)
 	$(PY) experiments/table2_no_bn.py $(REPRODUCE) --seeds 0
 	$(PY) experiments/bn_size.py $(REPRODUCE) --seeds 0,1
 	$(PY) experiments/figure4.py $(REPRODUCE) --seeds 0
+	$(PY) experiments/figure4_adascale.py $(REPRODUCE) --seeds 0 --rows b256-long-adascale,b16-long
 	$(PY) experiments/recipe_search.py $(REPRODUCE) --seeds 0
 	$(PY) experiments/agvm.py $(REPRODUCE) --seeds 0 --rows b512-sgd,b512-agvm0,b512-lr0.64-sgd,b512-lr0.64-agvm
 	$(PY) experiments/agvm.py $(REPRODUCE) --seeds 0,1 --rows b256-sgd,b256-agvm
