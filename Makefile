@@ -81,7 +81,7 @@ bench-roi: $(STAMP) $(SHAPES)
 	$(PY) bench/roi_batch_tradeoff.py --values 32,64,128,256,512 --record
 
 # Issue 13's large-batch studies, each run a plain `megdet train` (docs/studies.md).
-# Every study, at the seeds of the committed tables: about 24 hours on 2 cores. A stopped study
+# Every study, at the seeds of the committed tables: about 26 hours on 2 cores. A stopped study
 # continues where it stopped (finished runs are kept in experiments/runs/). Each run's result is
 # also committed, as its record in experiments/results/STUDY/runs/: `make reproduce` runs every
 # row again (--fresh); `make reproduce REPRODUCE=` runs only what has no record, from any machine.
